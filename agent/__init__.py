@@ -1,0 +1,5 @@
+"""engagement-agent: a durable Bloomreach Engagement tracking agent for Linux edge devices."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
