@@ -2,11 +2,25 @@
 
 `load_config()` either returns a complete, validated `AgentConfig` or raises `ConfigError`
 listing every problem as `dotted.key.path: reason`, which `run` and `check-config` print before
-exiting with 78 (EX_CONFIG).
+exiting with 78 (EX_CONFIG). The full reference of keys is docs/configuration.md; keep the two
+in step.
+
+Loading happens in this order, each step keeping track of where a value came from so that a
+problem is reported against the key the user actually wrote:
+
+1. the TOML file (or nothing: every key has a default);
+2. `ENGAGEMENT_AGENT_<SECTION>__<KEY>` environment overrides;
+3. `*_file` secrets read into their key (`authorization_token_file` -> `authorization_token`,
+   `mqtt.password_file` -> `mqtt.password`), and TLS file paths resolved;
+4. default queue/socket paths filled in for the environment we run in;
+5. pydantic validation, with each `[apps.<name>]` table validated on its own so its errors keep
+   their path, then checks that need the file system (TLS files).
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import socket
 import sys
@@ -14,7 +28,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from agent.commands import EVENT_TYPES, is_valid_app_name
 from agent.tracker.model import DEFAULT_BASE_URL, UNCONFIGURED_PROJECT, AppSettings, Project
@@ -22,17 +44,35 @@ from agent.tracker.model import DEFAULT_BASE_URL, UNCONFIGURED_PROJECT, AppSetti
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Debian 12's Python 3.11 anyway
-    import tomli as tomllib
+    # Only installed on 3.10 (pyproject marker); mypy checks this branch for its 3.10 target.
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 DEFAULT_CONFIG_PATH = Path("/etc/engagement-agent/agent.toml")
+SYSTEM_STATE_DIR = Path("/var/lib/engagement-agent")
+SYSTEM_RUNTIME_DIR = Path("/run/engagement-agent")
 ENV_PREFIX = "ENGAGEMENT_AGENT_"
 EX_CONFIG = 78
 
+#: `*_file` keys whose file content replaces the key without the suffix (secrets).
+SECRET_FILE_KEYS = frozenset({"authorization_token_file", "password_file"})
+#: `mqtt.*_file` keys that stay paths (the TLS library reads them) but must exist when `tls`.
+TLS_FILE_KEYS = ("ca_file", "cert_file", "key_file")
+#: Keys of `[apps]` that are settings, not app names.
+APPS_RESERVED_KEYS = frozenset({"allow_unknown", "defaults"})
+MAX_PROPERTY_DEPTH = 10
+
+Problem = tuple[str, str]
+KeyPath = tuple[str | int, ...]
+
 
 class ConfigError(Exception):
-    """The configuration is unusable; `problems` are `(dotted key, reason)` pairs."""
+    """The configuration is unusable; `problems` are `(dotted key, reason)` pairs.
 
-    def __init__(self, problems: list[tuple[str, str]], source: str = "") -> None:
+    `str()` is the complete listing that `check-config` and `run` print: a header line naming
+    the source, then one indented `key: reason` line per problem.
+    """
+
+    def __init__(self, problems: list[Problem], source: str = "") -> None:
         self.problems = problems
         self.source = source
         lines = [f"{key}: {reason}" for key, reason in problems]
@@ -41,12 +81,13 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/inf would pass `ge=` checks (inf) or make every comparison false (NaN).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ProjectConfig(_Section):
-    project_token: Annotated[str, Field(min_length=1)]
-    authorization_token: Annotated[str, Field(min_length=1)]
+    project_token: Annotated[str, Field(min_length=1, max_length=256)]
+    authorization_token: Annotated[str, Field(min_length=1, max_length=1024)]
     base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] = DEFAULT_BASE_URL
 
     def to_project(self) -> Project:
@@ -56,49 +97,107 @@ class ProjectConfig(_Section):
 MappingConfig = dict[Literal[EVENT_TYPES], list[ProjectConfig]]  # type: ignore[valid-type]
 
 
+def _check_json_value(value: Any, depth: int) -> None:
+    """Default properties end up in API payloads: TOML dates and NaN are not JSON."""
+    if isinstance(value, dict):
+        if depth > MAX_PROPERTY_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_PROPERTY_DEPTH} levels")
+        for item in value.values():
+            _check_json_value(item, depth + 1)
+    elif isinstance(value, list):
+        if depth > MAX_PROPERTY_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_PROPERTY_DEPTH} levels")
+        for item in value:
+            _check_json_value(item, depth + 1)
+    elif isinstance(value, (datetime.date, datetime.time)):
+        raise ValueError("TOML dates and times are not JSON values; quote them as strings")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("nan and inf are not JSON values")
+
+
+class _BadAppName:
+    """Stands in for the table of an `[apps.<name>]` whose name is invalid, so that pydantic
+    reports the problem at `apps.<name>` together with every other problem."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
 class AppConfig(_Section):
-    """Keys allowed in `[apps.defaults]` and, with `project`/`allowed_uids`, in `[apps.<app>]`."""
+    """Keys allowed in `[apps.defaults]` and in `[apps.<app>]` (which overrides the defaults)."""
 
     application_id: Annotated[str, Field(min_length=1, max_length=256)] = "default-application"
     session_timeout: Annotated[float, Field(ge=1.0)] = 20.0
     automatic_session_tracking: bool = True
-    token_track_frequency: Literal["on_token_change", "every_launch", "daily"] = (
-        "on_token_change"
-    )
+    token_track_frequency: Literal["on_token_change", "every_launch", "daily"] = "on_token_change"
     push_token_format: Literal["notification_state", "customer_property"] = "notification_state"
     allow_default_customer_properties: bool = True
     default_properties: dict[str, Any] = {}
-    app_version: str | None = None
+    app_version: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     project: ProjectConfig | None = None
     mapping: MappingConfig | None = None
-    allowed_uids: list[Annotated[int, Field(ge=0)]] | None = None
+    allowed_uids: list[Annotated[int, Field(ge=0, le=2**32 - 2)]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_bad_name(cls, data: Any) -> Any:
+        if isinstance(data, _BadAppName):
+            raise ValueError(
+                f"invalid app name {data.name!r}: it must match [a-z0-9][a-z0-9._-]{{0,63}}"
+                + (" and not be 'defaults'" if data.name == "defaults" else "")
+            )
+        return data
+
+    @field_validator("default_properties")
+    @classmethod
+    def _json_properties(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_json_value(value, 1)
+        return value
 
 
 class AppsConfig(_Section):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """`[apps]`: `allow_unknown`, `[apps.defaults]` and one `[apps.<name>]` table per app.
+
+    Each named table is validated on its own (pydantic reports `apps.<name>.<key>`) and then
+    laid over the defaults, so `named()` returns complete, merged configs.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    __pydantic_extra__: dict[str, AppConfig] = Field(init=False)
 
     allow_unknown: bool = True
     defaults: AppConfig = AppConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mark_bad_names(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        return {
+            name: (
+                value
+                if name in APPS_RESERVED_KEYS or is_valid_app_name(name)
+                else _BadAppName(name)
+            )
+            for name, value in data.items()
+        }
+
     @model_validator(mode="after")
-    def _check_apps(self) -> AppsConfig:
-        extra = self.__pydantic_extra__ or {}
-        for name, value in list(extra.items()):
-            if not is_valid_app_name(name):
-                raise ValueError(f"app name {name!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
-            if isinstance(value, Mapping):
-                merged = {**self.defaults.model_dump(exclude_unset=True), **value}
-                extra[name] = AppConfig.model_validate(merged)
-            elif not isinstance(value, AppConfig):
-                raise ValueError(f"[apps.{name}] must be a table")
+    def _merge_defaults(self) -> AppsConfig:
+        extra = self.__pydantic_extra__
+        if extra:
+            for name, app in list(extra.items()):
+                overrides = {key: getattr(app, key) for key in app.model_fields_set}
+                extra[name] = self.defaults.model_copy(update=overrides)
         return self
 
     def named(self) -> dict[str, AppConfig]:
+        """The configured apps by name, each already merged over `[apps.defaults]`."""
         return dict(self.__pydantic_extra__ or {})
 
 
 class QueueConfig(_Section):
-    path: Path = Path("/var/lib/engagement-agent/queue.db")
+    path: Path = SYSTEM_STATE_DIR / "queue.db"
     max_bytes: Annotated[int, Field(ge=65536)] = 104857600
     max_dead_letter_bytes: Annotated[int, Field(ge=65536)] = 10485760
     on_full: Literal["drop_oldest", "reject"] = "drop_oldest"
@@ -117,7 +216,7 @@ class SyncConfig(_Section):
 
 class MqttConfig(_Section):
     enabled: bool = True
-    host: str = "localhost"
+    host: Annotated[str, Field(min_length=1)] = "localhost"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     protocol: Literal[3, 5] = 5
     username: str = ""
@@ -127,18 +226,54 @@ class MqttConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     topic_prefix: Annotated[str, Field(pattern=r"^[^#+\s]+$")] = "engagement"
-    client_id: str = ""
+    client_id: Annotated[str, Field(max_length=256)] = ""
     keepalive: Annotated[int, Field(ge=5, le=65535)] = 60
     #: How long the broker keeps our session (and queues commands) while we are away (MQTT 5).
     session_expiry: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
     #: Unacknowledged messages the broker may push at us at once (MQTT 5 Receive Maximum).
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 1000
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        if value.startswith("$"):
+            raise ValueError("topics starting with '$' are reserved by the broker")
+        if value.startswith("/") or value.endswith("/") or "//" in value:
+            raise ValueError("no leading, trailing or doubled '/' (empty topic levels)")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("cert_file") is None:
+            raise ValueError("key_file is given without cert_file")
+        return value
+
 
 class SocketConfig(_Section):
-    path: Path = Path("/run/engagement-agent/agent.sock")
-    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
+    path: Path = SYSTEM_RUNTIME_DIR / "agent.sock"
+    #: Octal permission bits as a string ("0660"); kept a string so TOML and env agree on base.
+    mode: str = "0660"
     max_connections: Annotated[int, Field(ge=1)] = 256
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError('must be a string of octal digits such as "0660"')
+        digits = value.removeprefix("0o")
+        if not (1 <= len(digits) <= 4 and all(c in "01234567" for c in digits)):
+            raise ValueError(f'{value!r} is not an octal mode such as "0660"')
+        bits = int(digits, 8)
+        if bits > 0o777:
+            raise ValueError("only permission bits (at most 0777) are allowed")
+        if bits & 0o600 != 0o600:
+            raise ValueError("the owner (the agent itself) needs read and write (0600)")
+        return f"{bits:04o}"
+
+    @property
+    def mode_bits(self) -> int:
+        return int(self.mode, 8)
 
 
 class LimitsConfig(_Section):
@@ -146,10 +281,10 @@ class LimitsConfig(_Section):
 
 
 class AgentConfig(_Section):
-    device_id: Annotated[str, Field(pattern=r"^[^#+/\s]+$")] = Field(
+    device_id: Annotated[str, Field(pattern=r"^[^#+/\s]+$", max_length=128)] = Field(
         default_factory=lambda: socket.gethostname() or "localhost"
     )
-    device_type: str = "kiosk"
+    device_type: Annotated[str, Field(min_length=1, max_length=128)] = "kiosk"
     device_uuid: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     project: ProjectConfig | None = None
@@ -166,6 +301,13 @@ class AgentConfig(_Section):
     def _uuid_shape(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("device_id")
+    @classmethod
+    def _not_broadcast(cls, value: str) -> str:
+        if value == "all":
+            raise ValueError("'all' is the MQTT broadcast address, not a device name")
         return value
 
     def app_config(self, app: str) -> AppConfig | None:
@@ -215,6 +357,51 @@ class AgentConfig(_Section):
         return found
 
 
+# -- loading ---------------------------------------------------------------------------------
+
+
+class _Load:
+    """Book-keeping of one `load_config()` call: where values came from, what went wrong."""
+
+    def __init__(self, environ: Mapping[str, str], config_dir: Path | None) -> None:
+        self.environ = environ
+        self.config_dir = config_dir
+        self.problems: list[Problem] = []
+        #: key path set by the environment -> (variable name, raw text)
+        self.from_env: dict[KeyPath, tuple[str, str]] = {}
+        #: key path of a secret read from a file -> the `*_file` key the user wrote
+        self.renamed: dict[KeyPath, str] = {}
+        #: key paths whose `*_file` could not be read (already reported; "missing" is noise)
+        self.unreadable: set[KeyPath] = set()
+
+    @property
+    def credentials_dir(self) -> str:
+        return self.environ.get("CREDENTIALS_DIRECTORY", "").split(":")[0]
+
+    def dotted(self, path: KeyPath) -> str:
+        if path in self.renamed:
+            path = (*path[:-1], self.renamed[path])
+        text = ""
+        for part in path:
+            if isinstance(part, int):
+                text += f"[{part}]"
+            else:
+                text += f".{part}" if text else part
+        return text or "(config)"
+
+    def origin(self, path: KeyPath) -> str:
+        """ " (from ENGAGEMENT_AGENT_...)" when `path` or a table above it came from the env."""
+        for length in range(len(path), 0, -1):
+            found = self.from_env.get(path[:length])
+            if found:
+                return f" (from {found[0]})"
+        below = sorted(name for key, (name, _) in self.from_env.items() if key[: len(path)] == path)
+        return f" (from {', '.join(below)})" if below else ""
+
+    def problem(self, path: KeyPath, reason: str) -> None:
+        self.problems.append((self.dotted(path), reason + self.origin(path)))
+
+
 def _parse_env_value(raw: str) -> Any:
     """Env values are TOML values when they parse as one, else plain strings (SPEC §11)."""
     try:
@@ -223,99 +410,258 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+def _app_key(apps: Any, part: str, name: str, load: _Load) -> str:
+    """Map an env path segment to an app name: env names cannot hold '-' or '.', so `KIOSK_UI`
+    means the configured app whose name reads `kiosk_ui` once '-' and '.' become '_'."""
+    if part in APPS_RESERVED_KEYS or not isinstance(apps, dict):
+        return part
+    if part in apps:
+        return part
+    matches = [key for key in apps if key.replace("-", "_").replace(".", "_") == part]
+    if len(matches) > 1:
+        load.problems.append(
+            (name, f"matches more than one app ({', '.join(sorted(matches))}); rename one")
+        )
+    return matches[0] if len(matches) == 1 else part
+
+
+def _apply_env(data: dict[str, Any], load: _Load) -> None:
+    overrides = []
+    for name, raw in load.environ.items():
+        if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        if not all(path):
+        parts = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            load.problems.append((name, "empty key segment (use __ only between keys)"))
             continue
-        target = data
-        for part in path[:-1]:
-            nxt = target.setdefault(part, {})
-            if not isinstance(nxt, dict):
+        overrides.append((len(parts), name, parts, raw))
+    for _, name, parts, raw in sorted(overrides):
+        if parts[0] == "apps" and len(parts) > 1:
+            parts[1] = _app_key(data.get("apps"), parts[1], name, load)
+        path: list[str | int] = []
+        target: Any = data
+        for part in parts[:-1]:
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                index = int(part)
+                path.append(index)
+                target = target[index]
+                continue
+            if not isinstance(target, dict):
+                break
+            nxt = target.get(part)
+            if not isinstance(nxt, (dict, list)):
                 nxt = target[part] = {}
+            path.append(part)
             target = nxt
-        target[path[-1]] = _parse_env_value(raw)
+        if not isinstance(target, dict):
+            load.problems.append((name, f"{'.'.join(map(str, path))} is not a table"))
+            continue
+        target[parts[-1]] = _parse_env_value(raw)
+        key_path: KeyPath = (*path, parts[-1])
+        load.from_env[key_path] = (name, raw)
 
 
-def _resolve_files(data: Any, path: tuple[str, ...], problems: list[tuple[str, str]]) -> Any:
-    """Replace `<key>_file` entries by `<key>` holding the file's text (one newline stripped).
+def _file_path(value: str, load: _Load) -> Path | str:
+    """Where a `*_file` value points. `%d` is systemd's credentials directory; a relative path
+    is looked up there too when the unit uses `LoadCredential=`, else next to the config file.
+    Returns the problem text instead when it cannot be resolved."""
+    creds = load.credentials_dir
+    if "%d" in value:
+        if not creds:
+            return "uses %d but $CREDENTIALS_DIRECTORY is not set (systemd LoadCredential=)"
+        value = value.replace("%d", creds)
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        base = Path(creds) if creds else (load.config_dir or Path.cwd())
+        path = base / path
+    return path
 
-    Paths may use `%d`, expanded to `$CREDENTIALS_DIRECTORY` like systemd's `LoadCredential=`.
-    TLS keys (`ca_file`, `cert_file`, `key_file`) are paths by nature and stay as they are.
-    """
+
+def _is_secret_file_key(key: str, path: KeyPath) -> bool:
+    """Whether `key` at `path` is a secret file: `password_file` in `[mqtt]`,
+    `authorization_token_file` in a project table (top level, mapping entry, app's own)."""
+    if key == "password_file":
+        return path == ("mqtt",)
+    if key != "authorization_token_file":
+        return False
+    if path[:1] == ("apps",) and len(path) >= 3:
+        path = path[2:]
+    return path == ("project",) or (
+        len(path) == 3 and path[0] == "mapping" and isinstance(path[2], int)
+    )
+
+
+def _resolve_files(data: Any, path: KeyPath, load: _Load) -> Any:
+    """Replace secret `*_file` entries by their key holding the file's text (one trailing
+    newline stripped) and make TLS paths absolute. Unknown `*_file` keys stay as they are, so
+    validation reports them as unknown under the name the user wrote."""
     if isinstance(data, list):
-        return [_resolve_files(item, (*path, str(i)), problems) for i, item in enumerate(data)]
+        return [_resolve_files(item, (*path, i), load) for i, item in enumerate(data)]
     if not isinstance(data, dict):
         return data
     result: dict[str, Any] = {}
     for key, value in data.items():
-        if (
-            key.endswith("_file")
-            and key not in ("ca_file", "cert_file", "key_file")
-            and isinstance(value, str)
-        ):
-            target = key[: -len("_file")]
-            dotted = ".".join((*path, key))
-            file_path = value.replace("%d", os.environ.get("CREDENTIALS_DIRECTORY", "%d"))
-            try:
-                text = Path(file_path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                problems.append((dotted, f"cannot read {file_path}: {exc.__class__.__name__}"))
+        here = (*path, key)
+        if key in SECRET_FILE_KEYS and _is_secret_file_key(key, path):
+            target = key.removesuffix("_file")
+            if not isinstance(value, str):
+                load.problem(here, "must be a file path (a string)")
                 continue
             if target in data:
-                problems.append((dotted, f"give either {target} or {key}, not both"))
+                load.problem(here, f"give either {target} or {key}, not both")
+                continue
+            file_path = _file_path(value, load)
+            if isinstance(file_path, str):
+                load.problem(here, file_path)
+                load.unreadable.add((*path, target))
+                continue
+            try:
+                text = file_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                load.problem(here, f"cannot read {file_path}: {reason}")
+                load.unreadable.add((*path, target))
                 continue
             result[target] = text.removesuffix("\n")
+            target_path: KeyPath = (*path, target)
+            load.renamed[target_path] = key
+            if here in load.from_env:
+                load.from_env[target_path] = load.from_env[here]
+        elif path == ("mqtt",) and key in TLS_FILE_KEYS and isinstance(value, str):
+            file_path = _file_path(value, load)
+            if isinstance(file_path, str):
+                load.problem(here, file_path)
+                continue
+            result[key] = str(file_path)
         else:
-            result[key] = _resolve_files(value, (*path, key), problems)
+            result[key] = _resolve_files(value, here, load)
     return result
 
 
-def _problems_from(exc: ValidationError) -> list[tuple[str, str]]:
-    problems = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
-        reason = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            reason = "unknown key"
-        problems.append((".".join(loc) or "(config)", reason))
-    return problems
+def default_state_paths(
+    environ: Mapping[str, str] | None = None, *, system: bool | None = None
+) -> tuple[Path, Path]:
+    """Queue and socket paths for a config that does not name them.
+
+    Under systemd: `$STATE_DIRECTORY` / `$RUNTIME_DIRECTORY`. For the system install (root, or
+    `system=True` because the config is the packaged one, so the CLI of an ordinary user finds
+    the system agent's socket): the FHS paths of the packaged unit. As anyone else: XDG
+    directories, so a first try without root just works (the daemon creates them).
+    """
+    env = os.environ if environ is None else environ
+    if system is None:
+        system = os.geteuid() == 0
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if not state:
+        if system:
+            state = str(SYSTEM_STATE_DIR)
+        else:
+            home = env.get("HOME") or str(Path.home())
+            base = env.get("XDG_STATE_HOME") or str(Path(home) / ".local" / "state")
+            state = str(Path(base) / "engagement-agent")
+    if not runtime:
+        if system:
+            runtime = str(SYSTEM_RUNTIME_DIR)
+        elif env.get("XDG_RUNTIME_DIR"):
+            runtime = str(Path(env["XDG_RUNTIME_DIR"]) / "engagement-agent")
+        else:
+            runtime = state
+    return Path(state) / "queue.db", Path(runtime) / "agent.sock"
 
 
 def default_config_path() -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
 
 
-def default_state_paths() -> tuple[Path, Path]:
-    """Queue and socket paths for a config that does not name them.
+def _fill_paths(data: dict[str, Any], load: _Load, system: bool) -> None:
+    """Default `queue.path`/`socket.path`; relative ones live in the state/runtime directory."""
+    queue_path, socket_path = default_state_paths(load.environ, system=system)
+    for section, default in (("queue", queue_path), ("socket", socket_path)):
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue
+        value = table.setdefault("path", str(default))
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            table["path"] = str(default.parent / value)
 
-    Under systemd: `$STATE_DIRECTORY` / `$RUNTIME_DIRECTORY`. As root without them: the FHS
-    paths of the packaged unit. As anyone else: XDG directories, so a first try just works.
+
+def _reason(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a table"
+    if kind == "literal_error" and err["loc"] and err["loc"][-1] == "[key]":
+        return "unknown event type; expected one of " + ", ".join(EVENT_TYPES)
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _error_path(loc: tuple[int | str, ...]) -> KeyPath:
+    return tuple(part for part in loc if part != "[key]" and not str(part).startswith("function"))
+
+
+def _set_path(data: Any, path: KeyPath, value: Any) -> None:
+    for part in path[:-1]:
+        data = data[part]
+    data[path[-1]] = value
+
+
+def _validate(data: dict[str, Any], load: _Load) -> AgentConfig | None:
+    """Validate; an env value that parsed as a TOML number/bool but lands on a string key (a
+    numeric password, device id "042") is retried once as the raw text."""
+    for attempt in (1, 2):
+        try:
+            return AgentConfig.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
+        retry = False
+        if attempt == 1:
+            for err in errors:
+                path = _error_path(err["loc"])
+                env = load.from_env.get(path)
+                if (
+                    env is not None
+                    and path not in load.renamed
+                    and not isinstance(_parse_env_value(env[1]), str)
+                ):
+                    _set_path(data, path, env[1])
+                    retry = True
+        if not retry:
+            for err in errors:
+                path = _error_path(err["loc"])
+                if path not in load.unreadable:
+                    load.problem(path, _reason(err))
+            return None
+    return None  # pragma: no cover - the loop always returns
+
+
+def _check_tls_files(data: dict[str, Any], load: _Load) -> None:
+    """TLS files must exist when TLS is on; checked on the raw data so that these problems are
+    listed together with validation problems instead of after the user fixed those."""
+    mqtt = data.get("mqtt")
+    if not isinstance(mqtt, dict) or mqtt.get("tls") is not True or mqtt.get("enabled") is False:
+        return
+    for key in TLS_FILE_KEYS:
+        value = mqtt.get(key)
+        if not isinstance(value, str):
+            continue
+        if not Path(value).is_file():
+            load.problem(("mqtt", key), f"{value} does not exist (needed because mqtt.tls)")
+        elif not os.access(value, os.R_OK):
+            load.problem(("mqtt", key), f"{value} is not readable by this user")
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read, merge and validate the configuration; raises `ConfigError` with every problem.
+
+    `path` None means built-in defaults (plus the environment). `environ` defaults to
+    `os.environ` and is the only environment consulted (overrides, `$CREDENTIALS_DIRECTORY`,
+    `$STATE_DIRECTORY`, XDG variables), which keeps tests hermetic.
     """
-    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if not state:
-        if os.geteuid() == 0:
-            state = "/var/lib/engagement-agent"
-        else:
-            base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-            state = str(Path(base) / "engagement-agent")
-    if not runtime:
-        if os.geteuid() == 0:
-            runtime = "/run/engagement-agent"
-        else:
-            base = os.environ.get("XDG_RUNTIME_DIR") or state
-            runtime = str(Path(base) / "engagement-agent") if base != state else state
-    return Path(state) / "queue.db", Path(runtime) / "agent.sock"
-
-
-def load_config(
-    path: Path | None, environ: Mapping[str, str] | None = None
-) -> AgentConfig:
-    """Read, merge and validate the configuration; raises `ConfigError` with every problem."""
-    environ = os.environ if environ is None else environ
+    env = os.environ if environ is None else environ
     source = str(path) if path else "built-in defaults"
     data: dict[str, Any] = {}
     if path is not None:
@@ -327,17 +673,15 @@ def load_config(
             raise ConfigError([("(file)", f"cannot read {path}: {exc}")], source) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([("(file)", f"not valid TOML: {exc}")], source) from None
-    _apply_env(data, environ)
-    problems: list[tuple[str, str]] = []
-    data = _resolve_files(data, (), problems)
-    queue_path, socket_path = default_state_paths()
-    data.setdefault("queue", {}).setdefault("path", str(queue_path))
-    data.setdefault("socket", {}).setdefault("path", str(socket_path))
-    try:
-        config = AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        problems.extend(_problems_from(exc))
-        raise ConfigError(problems, source) from None
-    if problems:
-        raise ConfigError(problems, source)
+    load = _Load(env, Path(path).absolute().parent if path is not None else None)
+    _apply_env(data, load)
+    data = _resolve_files(data, (), load)
+    system = os.geteuid() == 0 or (
+        path is not None and Path(path).absolute().parent == DEFAULT_CONFIG_PATH.parent
+    )
+    _fill_paths(data, load, system)
+    _check_tls_files(data, load)
+    config = _validate(data, load)
+    if load.problems or config is None:
+        raise ConfigError(load.problems, source)
     return config
