@@ -220,7 +220,7 @@ class QueuePurge(_AdminCommand):
     dead: bool = False
 
 
-TrackingCommand = Union[
+TRACKING_COMMANDS: tuple[type[_Command], ...] = (
     TrackEvent,
     IdentifyCustomer,
     Anonymize,
@@ -233,18 +233,31 @@ TrackingCommand = Union[
     VerifyPushToken,
     TrackPayment,
     SetDefaultProperties,
-]
-QueryCommand = Union[Status, Flush, GetCustomer]
-AdminCommand = Union[QueueList, QueueShow, QueueDeadLetters, QueueRetryDead, QueuePurge]
-Command = Annotated[
-    Union[TrackingCommand, QueryCommand, AdminCommand], Field(discriminator="command")
+)
+QUERY_COMMANDS: tuple[type[_Command], ...] = (Status, Flush, GetCustomer)
+ADMIN_COMMANDS: tuple[type[_Command], ...] = (
+    QueueList,
+    QueueShow,
+    QueueDeadLetters,
+    QueueRetryDead,
+    QueuePurge,
+)
+# Built from the tuples above so the list of commands exists once; a runtime-built Union is
+# not a static type, hence the ignore.
+Command = Annotated[  # type: ignore[valid-type]
+    Union[TRACKING_COMMANDS + QUERY_COMMANDS + ADMIN_COMMANDS],  # noqa: UP007
+    Field(discriminator="command"),
 ]
 
-TRACKING_COMMANDS: tuple[type[_Command], ...] = TrackingCommand.__args__  # type: ignore[attr-defined]
-ADMIN_COMMANDS: tuple[type[_Command], ...] = AdminCommand.__args__  # type: ignore[attr-defined]
-COMMAND_NAMES = tuple(
-    sorted(cls.model_fields["command"].annotation.__args__[0] for cls in TRACKING_COMMANDS)  # type: ignore[union-attr]
-) + ("flush", "get_customer", "status")
+
+
+def _tag(cls: type[_Command]) -> str:
+    tag: str = cls.model_fields["command"].annotation.__args__[0]  # type: ignore[union-attr]
+    return tag
+
+
+#: The app-facing commands, for error messages (admin commands are not advertised).
+COMMAND_NAMES = tuple(sorted(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMMANDS))
 
 _command_adapter: TypeAdapter[Any] = TypeAdapter(Command)
 
@@ -254,10 +267,7 @@ def is_tracking(command: object) -> bool:
     return isinstance(command, TRACKING_COMMANDS)
 
 
-_ALL_TAGS = frozenset(COMMAND_NAMES) | {
-    cls.model_fields["command"].annotation.__args__[0]  # type: ignore[union-attr]
-    for cls in ADMIN_COMMANDS
-}
+_ALL_TAGS = frozenset(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMMANDS + ADMIN_COMMANDS)
 
 
 def is_admin(command: object) -> bool:

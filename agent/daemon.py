@@ -1,0 +1,348 @@
+"""Wiring and lifecycle: the one place that knows every part and in which order they start/stop.
+
+Start: config → store (checked, recovered if corrupt) → engine state → sync → socket → MQTT →
+READY=1. Stop (SIGTERM): STOPPING=1 → refuse new commands → finish in-flight ones → one last
+flush bounded by a few seconds → close the store → exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.commands import Flush, GetCustomer, Status
+from agent.config import EX_CONFIG, AgentConfig, ConfigError, default_config_path, load_config
+from agent.device import read_device_info
+from agent.engine import Engine
+from agent.errors import Unavailable
+from agent.intake import Intake, Origin, Reply
+from agent.ipc import SocketServer
+from agent.logs import set_level, setup_logging
+from agent.notify import Notifier
+from agent.queue_admin import run_admin
+from agent.store import Store, StoreError
+from agent.sync import Syncer
+from agent.tracker.model import Outcome
+
+log = logging.getLogger("engagement_agent.daemon")
+
+#: How long SIGTERM waits for in-flight commands, and for the last flush.
+SHUTDOWN_COMMAND_GRACE = 3.0
+SHUTDOWN_FLUSH_SECONDS = 3.0
+#: The writer may be busy, but if work waits this long without progress it is stuck.
+WRITER_STALL_SECONDS = 20.0
+DEVICE_UUID_META = "device_uuid"
+
+
+class Daemon:
+    def __init__(self, config: AgentConfig, config_path: Path | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.store = Store(config.queue)
+        self.started_monotonic = time.monotonic()
+        self._stop = asyncio.Event()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._in_flight = 0
+        # `engagement-agent reload` (ExecReload=) waits for `generation` to move on.
+        self.config_generation = 1
+        self.config_loaded_at = time.time()
+        self.reload_error: str | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        # Assigned in run(), once the parts they need exist.
+        self.engine: Engine
+        self.syncer: Syncer
+        self.intake: Intake
+        self.server: SocketServer
+        self.mqtt: Any = None
+        self._loop: asyncio.AbstractEventLoop
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.store.open()
+        except StoreError as exc:
+            log.error("cannot open the queue database: %s", exc)
+            return 1
+        try:
+            return await self._serve()
+        finally:
+            self.store.close()
+
+    async def _serve(self) -> int:
+        device_uuid = self.config.device_uuid or await self._device_uuid()
+        device = read_device_info(device_uuid, self.config.device_type, __version__)
+        self.engine = Engine(self.store, self.config, device)
+        self.engine.load()
+        self.syncer = Syncer(self.store, self.config)
+        self.store.on_enqueued = self.syncer.notify
+        self.intake = Intake(self.config, self)
+        self.server = SocketServer(
+            self.config.socket.path,
+            self.config.socket.mode,
+            self._handle,
+            lambda: self.config.limits.max_command_bytes,
+            self.config.socket.max_connections,
+        )
+        try:
+            await self.server.start()
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", self.config.socket.path, exc)
+            return 1
+        self.syncer.start()
+        for app, delay, background_at in self.engine.pending_timers(time.time()):
+            self._arm_timer(app, delay, background_at)
+        self._start_mqtt()
+        self._install_signals()
+        self.notifier.ready()
+        self._publish_status()
+        log.info(
+            "engagement-agent %s ready: socket %s, queue %s",
+            __version__,
+            self.config.socket.path,
+            self.config.queue.path,
+        )
+        watchdog = asyncio.ensure_future(self._watchdog())
+        try:
+            await self._stop.wait()
+        finally:
+            watchdog.cancel()
+            await self._shutdown()
+        return 0
+
+    async def _device_uuid(self) -> str:
+        stored = self.store.get_meta(DEVICE_UUID_META)
+        if stored:
+            return stored
+        import uuid
+
+        value = str(uuid.uuid4())
+        await asyncio.wrap_future(self.store.submit(lambda t: t.set_meta(DEVICE_UUID_META, value)))
+        return value
+
+    def _start_mqtt(self) -> None:
+        if not self.config.mqtt.enabled:
+            return
+        from agent.mqtt import MqttAdapter
+
+        self.mqtt = MqttAdapter(self.config, self.intake, self._loop, self.status)
+        self.mqtt.start()
+
+    def _install_signals(self) -> None:
+        self._loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        self._loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        # A SIGHUP during a reload may carry a newer file: reload once more afterwards.
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            return
+        self._reload_task = asyncio.ensure_future(self._reload_until_settled())
+
+    async def _reload_until_settled(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping: no new commands; finishing %d in flight", self._in_flight)
+        self.server.stop_accepting()
+        deadline = time.monotonic() + SHUTDOWN_COMMAND_GRACE
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for handle in self._timers.values():
+            handle.cancel()
+        if self.mqtt is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.mqtt.stop(), 3.0)
+        await self.server.close()
+        await self._loop.run_in_executor(None, self.syncer.stop, SHUTDOWN_FLUSH_SECONDS)
+        log.info("stopped")
+
+    async def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            config = await self._loop.run_in_executor(None, load_config, self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.reload_error = str(exc)
+            self.config_generation += 1
+            self.notifier.ready()
+            return
+        for what, old, new in (
+            ("queue.path", self.config.queue.path, config.queue.path),
+            ("socket.path", self.config.socket.path, config.socket.path),
+            ("queue.durability", self.config.queue.durability, config.queue.durability),
+        ):
+            if old != new:
+                log.warning("%s changed; it takes effect after a restart", what)
+        set_level(config.log_level)
+        self.config = config
+        self.engine.reload(config)
+        self.intake.reload(config)
+        self.syncer.reload(config)
+        if self.mqtt is not None:
+            self.mqtt.reload(config)
+        elif config.mqtt.enabled:
+            self._start_mqtt()
+        log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
+        self.reload_error = None
+        self.config_loaded_at = time.time()
+        self.config_generation += 1
+        self.notifier.ready()
+        self._publish_status()
+
+    async def _watchdog(self) -> None:
+        """Pets the systemd watchdog only while the loop runs and the writer makes progress."""
+        interval = self.notifier.watchdog_interval()
+        period = min(interval, 10.0) if interval else 10.0
+        status_line = ""
+        while True:
+            if self.store.writer_healthy(WRITER_STALL_SECONDS):
+                self.notifier.watchdog()
+            else:
+                log.error("the database writer makes no progress; not petting the watchdog")
+            line = self._status_line()
+            if line != status_line:
+                self.notifier.status(line)
+                status_line = line
+            self._publish_status()
+            await asyncio.sleep(period)
+
+    # -- commands ------------------------------------------------------------------------------
+    async def _handle(self, data: bytes, origin: Origin) -> Reply:
+        self._in_flight += 1
+        try:
+            return await self.intake.handle(data, origin)
+        finally:
+            self._in_flight -= 1
+
+    async def track(self, app: str, command: Any, now: float) -> Mapping[str, Any] | None:
+        if self._stop.is_set():
+            raise Unavailable("the agent is shutting down")
+        outcome = await asyncio.wrap_future(self.engine.track(app, command, now))
+        self._after_outcome(app, outcome)
+        return outcome.result
+
+    async def query(self, app: str, command: Any) -> Mapping[str, Any]:
+        if isinstance(command, Status):
+            return self.status()
+        if isinstance(command, GetCustomer):
+            outcome = await asyncio.wrap_future(self.engine.track(app, command, time.time()))
+            return {"app": app, **(outcome.result or {})}
+        if isinstance(command, Flush):
+            return await self._loop.run_in_executor(None, self.syncer.flush, command.wait)
+        return await self._loop.run_in_executor(None, run_admin, self.store, command)
+
+    def _after_outcome(self, app: str, outcome: Outcome) -> None:
+        state = outcome.state
+        if state.session != "background":
+            handle = self._timers.pop(app, None)
+            if handle is not None:
+                handle.cancel()
+        if outcome.timer is not None and state.background_at is not None:
+            self._arm_timer(app, outcome.timer, state.background_at)
+        if self.mqtt is not None:
+            self.mqtt.status_changed()
+
+    def _arm_timer(self, app: str, delay: float, background_at: float) -> None:
+        handle = self._timers.pop(app, None)
+        if handle is not None:
+            handle.cancel()
+        self._timers[app] = self._loop.call_later(
+            max(0.0, delay), lambda: asyncio.ensure_future(self._expire(app, background_at))
+        )
+
+    async def _expire(self, app: str, background_at: float) -> None:
+        self._timers.pop(app, None)
+        try:
+            outcome = await asyncio.wrap_future(
+                self.engine.expire_session(app, background_at, time.time())
+            )
+        except Exception as exc:  # disk full: try again shortly rather than lose the end
+            log.warning("could not record the session end for app %s: %s; retrying", app, exc)
+            self._arm_timer(app, 5.0, background_at)
+            return
+        self._after_outcome(app, outcome)
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        stats = self.store.stats()
+        return {
+            "online": True,
+            "version": __version__,
+            "device_id": self.config.device_id,
+            "uptime": round(time.monotonic() - self.started_monotonic, 3),
+            "queue": {
+                "items": stats.items,
+                "bytes": stats.bytes,
+                "max_bytes": stats.max_bytes,
+                "dropped": stats.dropped,
+                "rejected": stats.rejected,
+                "dead_letters": stats.dead_letters,
+                "oldest_age": stats.oldest_age,
+                "recovered": list(self.store.recovered),
+            },
+            "sync": self.syncer.status(),
+            "mqtt": {
+                "enabled": self.config.mqtt.enabled,
+                "connected": bool(self.mqtt is not None and self.mqtt.connected),
+            },
+            "config": {
+                "path": str(self.config_path) if self.config_path else None,
+                "generation": self.config_generation,
+                "loaded_at": self.config_loaded_at,
+                "reload_error": self.reload_error,
+            },
+            "apps": {
+                app: {
+                    "session": state.session,
+                    "cookie": state.cookie,
+                    "push_token_tracked_at": state.push_token_tracked_at,
+                }
+                for app, state in sorted(self.engine.states().items())
+            },
+        }
+
+    def _status_line(self) -> str:
+        stats = self.store.stats()
+        states = [p["state"] for p in self.syncer.status().get("projects", [])]
+        sync = ",".join(sorted(set(states))) or "idle"
+        mqtt = "up" if self.mqtt is not None and self.mqtt.connected else "down"
+        return f"queue {stats.items} items / {stats.bytes} bytes; sync {sync}; mqtt {mqtt}"
+
+    def _publish_status(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.status_changed()
+
+
+def run(config_path: Path | None) -> int:
+    """`engagement-agent run`: returns the process exit code."""
+    faulthandler.enable()  # a watchdog abort (SIGABRT) dumps every thread's stack to the journal
+    path = config_path if config_path is not None else default_config_path()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        setup_logging("info")
+        print(f"engagement-agent: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level)
+    os.umask(0o007)
+    daemon = Daemon(config, path)
+    return asyncio.run(daemon.run())

@@ -1,0 +1,129 @@
+"""Runs the pure tracker inside the store's writer transactions.
+
+App state has exactly one owner: the writer thread. A command's outcome (its items and the
+app's next state) is written in the same transaction; the in-memory state the next command
+sees advances only when that transaction commits, so a rolled-back batch (disk full) leaves
+memory and disk agreeing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from agent import tracker
+from agent.config import AgentConfig
+from agent.errors import UnknownApp
+from agent.store import Store, Txn
+from agent.tracker.model import AppSettings, AppState, Context, DeviceInfo, Outcome
+
+
+def _new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        config: AgentConfig,
+        device: DeviceInfo,
+        *,
+        new_uuid: Callable[[], str] = _new_uuid,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._device = device
+        self._new_uuid = new_uuid
+        self._settings: dict[str, AppSettings] = {}
+        self._states: dict[str, AppState] = {}
+        # States produced by ops of the transaction in progress, not yet committed.
+        self._pending: dict[str, AppState] = {}
+
+    def load(self) -> None:
+        """Read every app's persisted state; call once after the store is open."""
+        self._states = self._store.load_app_states()
+
+    def reload(self, config: AgentConfig) -> None:
+        # Swapping references is atomic; the writer thread picks the new config up with its
+        # next op, and settings are re-derived lazily from it.
+        self._config = config
+        self._settings = {}
+
+    def states(self) -> dict[str, AppState]:
+        """Committed states (a snapshot copy, safe to read from any thread)."""
+        return dict(self._states)
+
+    def track(self, app: str, command: Any, now: float) -> concurrent.futures.Future[Outcome]:
+        return self._store.submit(
+            lambda txn: self._apply(
+                txn,
+                app,
+                now,
+                lambda state, settings, ctx: tracker.handle(
+                    command, state, settings, self._device, ctx
+                ),
+            )
+        )
+
+    def expire_session(
+        self, app: str, background_at: float, now: float
+    ) -> concurrent.futures.Future[Outcome]:
+        return self._store.submit(
+            lambda txn: self._apply(
+                txn,
+                app,
+                now,
+                lambda state, settings, ctx: tracker.expire_session(
+                    state, settings, self._device, ctx, background_at
+                ),
+            )
+        )
+
+    def pending_timers(self, now: float) -> list[tuple[str, float, float]]:
+        """(app, delay, background_at) for sessions left in background by a previous run."""
+        timers = []
+        for app, state in self._states.items():
+            settings = self._settings_for(app)
+            if settings is None or state.background_at is None:
+                continue
+            delay = tracker.pending_timer(state, settings, now)
+            if delay is not None:
+                timers.append((app, delay, state.background_at))
+        return timers
+
+    def _settings_for(self, app: str) -> AppSettings | None:
+        settings = self._settings.get(app)
+        if settings is None:
+            settings = self._config.app_settings(app)
+            if settings is not None:
+                self._settings[app] = settings
+        return settings
+
+    def _apply(
+        self,
+        txn: Txn,
+        app: str,
+        now: float,
+        step: Callable[[AppState | None, AppSettings, Context], Outcome],
+    ) -> Outcome:
+        settings = self._settings_for(app)
+        if settings is None:
+            # The config was reloaded between intake's check and this op.
+            raise UnknownApp(f"unknown app {app!r}")
+        state = self._pending.get(app, self._states.get(app))
+        outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
+        txn.enqueue(outcome.items, now)
+        if outcome.state != state:
+            txn.save_app_state(app, outcome.state)
+            self._pending[app] = outcome.state
+            txn.after_commit(lambda: self._committed(app, outcome.state))
+            txn.after_rollback(lambda: self._pending.pop(app, None))
+        return outcome
+
+    def _committed(self, app: str, state: AppState) -> None:
+        self._states[app] = state
+        if self._pending.get(app) is state:
+            del self._pending[app]

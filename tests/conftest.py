@@ -1,0 +1,7 @@
+"""Shared fixtures live in tests/fixtures/; each module is a pytest plugin listed here."""
+
+pytest_plugins = [
+    "tests.fixtures.daemon",
+    "tests.fixtures.api",
+    "tests.fixtures.mosquitto",
+]
