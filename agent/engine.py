@@ -116,7 +116,7 @@ class Engine:
         state = self._pending.get(app, self._states.get(app))
         outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
         txn.enqueue(outcome.items, now)
-        if outcome.state != state:
+        if outcome.state != (state or AppState()):
             txn.save_app_state(app, outcome.state)
             self._pending[app] = outcome.state
             txn.after_commit(lambda: self._committed(app, outcome.state))

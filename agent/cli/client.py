@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,6 +128,12 @@ class Connection:
     def sock(self) -> socket.socket:
         assert self._sock is not None, "use Connection as a context manager"
         return self._sock
+
+    def peer_pid(self) -> int:
+        """The agent's pid, from the kernel (SO_PEERCRED): no pid file to go stale."""
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid: int = struct.unpack("3i", creds)[0]
+        return pid
 
     def request(self, command: Mapping[str, Any]) -> Reply:
         line = json.dumps(command, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from agent import __version__
 from agent.cli.client import Connection, send_stream
@@ -133,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verbs(verbs, command_verbs(), common, _FORMATTER)
 
+    reload = verbs.add_parser(
+        "reload",
+        parents=[common],
+        formatter_class=_FORMATTER,
+        help="validate the config, tell the agent to reload it, wait until it has",
+        description="What `systemctl reload` runs (ExecReload=): checks the config file first "
+        "(exit 78 and no signal if it is invalid), sends SIGHUP to the agent and returns when the "
+        "agent reports the reload done. Exit 78 if the agent refused the new config (it keeps "
+        "the old one), 69 if it cannot be reached or did not finish in time.",
+        epilog=f"examples:\n  {PROG} reload\n  {PROG} reload --pid $MAINPID   (in the unit)",
+    )
+    reload.add_argument(
+        "--pid", type=int, default=None, help="the agent's pid (default: the socket's peer)"
+    )
+    reload.set_defaults(handler=_reload)
+
     send = verbs.add_parser(
         "send",
         parents=[common],
@@ -189,6 +205,46 @@ def _check_config(ns: argparse.Namespace) -> int:
     else:
         write_line(f"configuration OK: {source}")
     return EX_OK
+
+
+def _reload(ns: argparse.Namespace) -> int:
+    """Validate, SIGHUP, then wait for the agent's config generation to move on.
+
+    systemd 252 has no Type=notify-reload, so `systemctl reload` only waits for this command;
+    returning before the agent finished would make a following `status` lie.
+    """
+    import signal
+    import time
+
+    options = Options.from_namespace(ns)
+    options.load_config()  # a bad file: exit 78 before the agent is disturbed
+    timeout = options.timeout_for(60.0)
+    with Connection(options.socket_path(), DEFAULT_TIMEOUT) as conn:
+        before = _config_state(conn)
+        pid = ns.pid if ns.pid is not None else conn.peer_pid()
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            raise CliError(f"cannot signal the agent (pid {pid}): {exc.strerror}", 69) from None
+        deadline = time.monotonic() + timeout
+        while (state := _config_state(conn))["generation"] == before["generation"]:
+            if time.monotonic() > deadline:
+                raise CliError(f"the agent did not finish reloading within {timeout:g} s", 69)
+            time.sleep(0.1)
+    if state.get("reload_error"):
+        raise CliError(f"the agent kept its old configuration: {state['reload_error']}", EX_CONFIG)
+    write_line("configuration reloaded")
+    return EX_OK
+
+
+def _config_state(conn: Connection) -> dict[str, Any]:
+    reply = conn.request({"command": "status"})
+    if not reply.ok:
+        raise CliError(reply.error_line(), reply.exit_code())
+    state: dict[str, Any] = dict(reply.result.get("config") or {})
+    if "generation" not in state:
+        raise CliError("the agent is too old to report reloads; use systemctl restart", 69)
+    return state
 
 
 def _send(ns: argparse.Namespace) -> int:

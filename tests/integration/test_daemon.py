@@ -1,0 +1,130 @@
+"""The daemon's lifecycle as systemd sees it: notify messages, reload, stop, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.apistub import ApiStub
+from tests.fixtures.daemon import REPO, AgentProcess, wait_for
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_notify_protocol_ready_status_watchdog_stopping(make_agent: Any) -> None:
+    agent: AgentProcess = make_agent()
+    agent.start(env={"WATCHDOG_USEC": "400000"})  # asks for a ping every 0.2 s
+    assert agent.socket_path.exists()
+    assert agent.request({"command": "status"})["ok"]  # READY=1 came after the socket listened
+    agent.wait_notification("STATUS=queue")
+    before = sum(1 for n in agent.notifications if n == "WATCHDOG=1")
+    wait_for(
+        lambda: (agent._drain_notifications(0.2) or True)
+        and sum(1 for n in agent.notifications if n == "WATCHDOG=1") >= before + 3,
+        10,
+        "periodic WATCHDOG=1",
+    )
+    assert agent.terminate() == 0
+    agent.wait_notification("STOPPING=1")
+    assert not agent.socket_path.exists()
+
+
+def test_sigterm_finishes_and_exits_zero_keeping_everything(
+    make_agent: Any, api_stub: ApiStub
+) -> None:
+    agent: AgentProcess = make_agent(
+        {
+            "project": {
+                "project_token": "proj-a",
+                "authorization_token": "key-a",
+                "base_url": api_stub.url,
+            },
+            "sync": {"flush_mode": "manual"},
+        }
+    )
+    agent.start()
+    with agent.client() as client:
+        for i in range(50):
+            assert client.request({"command": "track_event", "name": "e", "properties": {"i": i}})[
+                "ok"
+            ]
+    assert agent.terminate() == 0
+    # The last bounded flush on SIGTERM sent what was queued.
+    received = [r for r in api_stub.received("proj-a") if r.data.get("event_type") == "e"]
+    assert sorted(r.data["properties"]["i"] for r in received) == list(range(50))
+
+
+def test_reload_applies_changes_and_refuses_a_bad_file(make_agent: Any) -> None:
+    agent: AgentProcess = make_agent({"apps": {"allow_unknown": True}})
+    agent.start()
+    assert agent.request({"command": "track_event", "name": "x", "app": "newcomer"})["ok"]
+    agent.write_config({"apps": {"allow_unknown": False}})
+    result = cli("reload", "--config", str(agent.config_path), "--socket", str(agent.socket_path))
+    assert result.returncode == 0, result.stderr
+    reply = agent.request({"command": "track_event", "name": "x", "app": "stranger"})
+    assert reply["error"]["code"] == "unknown_app"
+
+    agent.config_path.write_text(agent.config_path.read_text() + "\n[sync]\nbatch_size = 500\n")
+    result = cli("reload", "--config", str(agent.config_path), "--socket", str(agent.socket_path))
+    assert result.returncode == 78
+    assert "batch_size" in result.stderr
+    assert agent.status()["config"]["reload_error"] is None  # nothing was sent to the agent
+
+
+def test_sighup_with_an_invalid_file_keeps_the_running_config(make_agent: Any) -> None:
+    agent: AgentProcess = make_agent()
+    agent.start()
+    agent.config_path.write_text("this is = not [toml")
+    agent.notifications.clear()
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGHUP)
+    agent.wait_notification("READY=1")
+    status = agent.status()
+    assert status["config"]["reload_error"]
+    assert agent.request({"command": "track_event", "name": "still-works"})["ok"]
+
+
+def test_invalid_config_exits_78_listing_every_problem(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        '[sync]\nflush_mode = "sometimes"\nbatch_size = 51\n[queue]\nmax_bytes = 10\n'
+        "[apps.kiosk-ui]\nsession_timeout = 0.1\n"
+    )
+    for verb in ("run", "check-config"):
+        result = cli(verb, "--config", str(config))
+        assert result.returncode == 78, result.stderr
+        for key in ("sync.flush_mode", "sync.batch_size", "queue.max_bytes"):
+            assert key in result.stderr
+        assert "apps.kiosk-ui.session_timeout" in result.stderr
+
+
+def test_second_agent_on_the_same_database_refuses_to_start(make_agent: Any) -> None:
+    first: AgentProcess = make_agent(name="first")
+    first.start()
+    second: AgentProcess = make_agent(
+        {"queue": {"path": str(first.db_path)}}, name="second"
+    )
+    second.start(wait_ready=False)
+    assert second.process is not None
+    assert second.process.wait(30) != 0
+    assert "queue.db" in second.log()
+    assert first.request({"command": "status"})["ok"]
+
+
+def test_environment_overrides_reach_the_running_agent(make_agent: Any) -> None:
+    agent: AgentProcess = make_agent({"device_id": "from-file"})
+    agent.start(env={"ENGAGEMENT_AGENT_DEVICE_ID": "from-env"})
+    assert agent.status()["device_id"] == "from-env"
