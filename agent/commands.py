@@ -270,6 +270,11 @@ def is_tracking(command: object) -> bool:
 _ALL_TAGS = frozenset(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMMANDS + ADMIN_COMMANDS)
 
 
+def is_app_scoped(command: object) -> bool:
+    """Commands that act for one app, so its permissions apply (`status`/`flush` do not)."""
+    return isinstance(command, (*TRACKING_COMMANDS, GetCustomer))
+
+
 def is_admin(command: object) -> bool:
     return isinstance(command, ADMIN_COMMANDS)
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from agent.commands import (
     is_admin,
+    is_app_scoped,
     is_tracking,
     parse_json,
     request_id_of,
@@ -143,6 +144,8 @@ class Intake:
             if origin.uid not in self._privileged:
                 raise Forbidden("queue maintenance needs root or the agent's own user")
             return
+        if not is_app_scoped(command):
+            return  # status and flush concern the whole agent, not one app
         app_config = self._config.app_config(app)
         if app_config is None:
             raise UnknownApp(

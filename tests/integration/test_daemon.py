@@ -77,7 +77,7 @@ def test_reload_applies_changes_and_refuses_a_bad_file(make_agent: Any) -> None:
     reply = agent.request({"command": "track_event", "name": "x", "app": "stranger"})
     assert reply["error"]["code"] == "unknown_app"
 
-    agent.config_path.write_text(agent.config_path.read_text() + "\n[sync]\nbatch_size = 500\n")
+    agent.write_config({"sync": {"batch_size": 500}})
     result = cli("reload", "--config", str(agent.config_path), "--socket", str(agent.socket_path))
     assert result.returncode == 78
     assert "batch_size" in result.stderr

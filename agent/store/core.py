@@ -1,0 +1,650 @@
+"""The Store: one SQLite file, one writer thread with group commit, a reader per thread.
+
+Every write goes through `submit(op)`. The writer takes every op waiting, runs them in one
+transaction (each in its own SAVEPOINT) and commits once, so durability costs one fsync per
+batch rather than per command. Futures resolve only after the commit, which is what lets the
+socket reply and the MQTT PUBACK mean "on disk".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from agent.config import QueueConfig
+from agent.errors import AgentError, Unavailable
+from agent.store import files, schema
+from agent.store.model import (
+    DeadLetter,
+    ProjectRow,
+    QueuedItem,
+    QueueStats,
+    StoreError,
+    StoreLocked,
+)
+from agent.store.txn import UPSERT_META, Counters, Txn, WriterState, project_key
+from agent.tracker.model import AppState, Project
+
+T = TypeVar("T")
+
+log = logging.getLogger("engagement_agent.store")
+
+#: Most ops per transaction: bounds the time one commit holds results back and the memory
+#: a burst can pin, while still amortising the fsync over hundreds of commands.
+MAX_BATCH = 1000
+#: Result codes after which the transaction cannot go on (the disk or the file is the
+#: problem, not the op): BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN,
+#: PROTOCOL, NOTADB.
+_FATAL_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+_SQLITE_FULL = 13
+#: Seconds between "queue full, dropping oldest" warnings.
+_EVICTION_LOG_PERIOD = 60.0
+
+
+class _BatchFailed(Exception):
+    def __init__(self, cause: sqlite3.Error) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _Op:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[Txn], Any], future: concurrent.futures.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+def _errorcode(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _is_fatal(exc: sqlite3.Error) -> bool:
+    code = _errorcode(exc)
+    if code is not None:
+        return code in _FATAL_CODES
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    code = _errorcode(exc)
+    return code == _SQLITE_FULL if code is not None else "full" in str(exc).lower()
+
+
+def _run_hooks(hooks: list[Callable[[], object]], what: str) -> None:
+    for hook in hooks:
+        try:
+            hook()
+        except Exception:
+            log.exception("an %s hook failed", what)
+
+
+class Store:
+    """The durable queue. No I/O until `open()`; `close()` drains what was submitted.
+
+    `max_page_count` caps the file in pages on the writer connection (a test hook for
+    "disk full"; SQLite then fails writes with SQLITE_FULL exactly as on a full disk).
+    """
+
+    def __init__(self, config: QueueConfig, *, max_page_count: int | None = None) -> None:
+        self.config = config
+        self.recovered: list[dict[str, Any]] = []  # {"file", "at", "reason"}
+        self.on_enqueued: Callable[[set[int]], None] | None = None  # project ids, after commit
+        self.max_page_count = max_page_count
+        self._path = str(config.path)
+        self._cond = threading.Condition()
+        self._pending: deque[_Op] = deque()
+        self._accepting = False
+        self._stopping = False
+        self._busy = False
+        self._writer_waiting = False
+        self._progress_at = 0.0
+        self._commits = 0
+        self._thread: threading.Thread | None = None
+        self._writer: WriterState | None = None
+        self._lock: files.LockedFile | None = None
+        self._published = Counters()
+        self._current_txn: Txn | None = None
+        self._save_all_counters = False
+        self._reopen_writer = False
+        self._failing: str | None = None
+        self._last_eviction_log = -_EVICTION_LOG_PERIOD
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._generation = 0
+        self._is_open = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Lock, check, recover or migrate, load counters, start the writer.
+
+        Raises StoreLocked (another process has the file), StoreError (newer schema, or the
+        file cannot be read or created). A corrupt file is not an error: it is moved aside,
+        recorded in `self.recovered`, and an empty queue is served.
+        """
+        if self._is_open:
+            raise StoreError(f"queue database {self._path} is already open")
+        path = self._path
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            locked, existed = files.lock(path)
+        except StoreLocked:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot open queue database {path}: {exc}") from exc
+        try:
+            locked, conn = self._check_and_connect(path, locked, existed)
+        except BaseException:
+            locked.release()
+            raise
+        self._lock = locked
+        try:
+            self._start(conn)
+        except BaseException:
+            conn.close()
+            locked.release()
+            self._lock = None
+            raise
+
+    def _check_and_connect(
+        self, path: str, locked: files.LockedFile, existed: bool
+    ) -> tuple[files.LockedFile, sqlite3.Connection]:
+        reason = files.precheck(locked, existed)
+        if reason is None:
+            files.note_partial_wal(path)
+            reason = self._inspect(path)
+        if reason is not None:
+            locked = self._move_aside(path, locked, reason)
+        try:
+            return locked, self._connect_and_migrate(path)
+        except sqlite3.DatabaseError as exc:
+            if not files.is_corruption(exc) or reason is not None:
+                raise StoreError(f"cannot open queue database {path}: {exc}") from exc
+            damage = str(exc)
+        # quick_check passed but the migration met damage; one more try on a fresh file.
+        locked = self._move_aside(path, locked, f"corrupt during migration: {damage}")
+        try:
+            return locked, self._connect_and_migrate(path)
+        except sqlite3.Error as exc2:
+            raise StoreError(f"cannot create queue database {path}: {exc2}") from exc2
+
+    def _inspect(self, path: str) -> str | None:
+        """Refuse a newer schema, then quick_check; on a plain connection, before any pragma
+        writes, so a refused file is left exactly as it was."""
+        try:
+            check = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            try:
+                check.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
+                schema.refuse_newer(path, schema.stored_version(check))
+                return files.quick_check(check)
+            finally:
+                check.close()
+        except sqlite3.DatabaseError as exc:
+            if files.is_corruption(exc):
+                return str(exc)
+            raise StoreError(f"cannot read queue database {path}: {exc}") from exc
+
+    def _move_aside(self, path: str, locked: files.LockedFile, reason: str) -> files.LockedFile:
+        try:
+            target = files.move_aside(path)
+            fresh, _ = files.lock(path)
+        except StoreLocked:
+            raise
+        except OSError as exc:
+            raise StoreError(
+                f"queue database {path} is corrupt ({reason}) and could not be moved aside: {exc}"
+            ) from exc
+        locked.release()
+        self.recovered.append({"file": target, "at": time.time(), "reason": reason})
+        log.error(
+            "queue database %s was unusable (%s); moved it to %s and started an empty queue",
+            path,
+            reason,
+            target,
+        )
+        return fresh
+
+    def _connect_and_migrate(self, path: str) -> sqlite3.Connection:
+        conn = self._connect_writer()
+        try:
+            schema.migrate(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        return schema.connect(
+            self._path,
+            durability=self.config.durability,
+            role="writer",
+            max_page_count=self.max_page_count,
+        )
+
+    def _start(self, conn: sqlite3.Connection) -> None:
+        try:
+            values = schema.load_counters(conn)
+            head = conn.execute("SELECT created_at FROM outbox ORDER BY id LIMIT 1").fetchone()
+            projects = conn.execute(
+                "SELECT id, base_url, project_token, authorization_token FROM projects"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read queue database {self._path}: {exc}") from exc
+        counters = Counters(**values, head_created_at=head[0] if head else None)
+        state = WriterState(conn, self.config, counters)
+        state.projects = {(row[1], row[2]): ProjectRow(*row) for row in projects}
+        self._save_all_counters = True
+        self._commits = 0
+        self._writer = state
+        self._published = counters.copy()
+        self._generation += 1
+        self._is_open = True
+        self._stopping = False
+        self._accepting = True
+        self._progress_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+        log.info(
+            "queue database %s open: %d items, %d bytes, %d dead letters",
+            self._path,
+            counters.items,
+            counters.bytes,
+            counters.dead_items,
+        )
+
+    def close(self) -> None:
+        """Finish every op already submitted, then stop the writer and release the file."""
+        with self._cond:
+            if not self._is_open:
+                return
+            if threading.current_thread() is self._thread:
+                raise RuntimeError("Store.close() called from the writer thread")
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._thread = None
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            with contextlib.suppress(sqlite3.Error):
+                reader.close()
+        if self._writer is not None:
+            try:
+                self._writer.conn.close()  # the last connection checkpoints and removes the WAL
+            except sqlite3.Error as exc:
+                log.warning("closing the queue database: %s", exc)
+            self._writer = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._generation += 1
+        self._is_open = False
+
+    # -- writing ----------------------------------------------------------------------------------
+    def submit(self, op: Callable[[Txn], T]) -> concurrent.futures.Future[T]:
+        """Run `op(txn)` on the writer thread; the future resolves after the commit.
+
+        Never blocks on I/O. After close (or before open) the future fails with Unavailable.
+        Do not wait on the future from the writer thread itself (hooks run there).
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cond:
+            if not self._accepting:
+                future.set_exception(Unavailable("the queue database is closed"))
+                return future
+            if not self._pending and not self._busy:
+                self._progress_at = time.monotonic()  # the stall clock starts with the work
+            self._pending.append(_Op(op, future))
+            if self._writer_waiting:
+                self._cond.notify()
+        return future
+
+    def writer_healthy(self, max_stall: float) -> bool:
+        """False when work is waiting and the writer has not finished a batch for `max_stall`
+        seconds (a hung fsync, a dead thread): the daemon then stops petting the watchdog."""
+        with self._cond:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return False
+            if not self._pending and not self._busy:
+                return True
+            return time.monotonic() - self._progress_at <= max_stall
+
+    @property
+    def pending_ops(self) -> int:
+        """Ops submitted and not yet taken by the writer."""
+        with self._cond:
+            return len(self._pending)
+
+    @property
+    def commit_count(self) -> int:
+        """Transactions committed since open (how well group commit batches)."""
+        return self._commits
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._writer_waiting = True
+                    self._cond.wait()
+                    self._writer_waiting = False
+                if not self._pending:
+                    return
+                n = min(len(self._pending), MAX_BATCH)
+                batch = [self._pending.popleft() for _ in range(n)]
+                self._busy = True
+                self._progress_at = time.monotonic()
+            try:
+                self._run_batch(batch)
+            except BaseException:  # pragma: no cover - a bug; never leave futures hanging
+                log.exception("the queue writer failed")
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(Unavailable("internal error in the queue writer"))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._progress_at = time.monotonic()
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        state = self._writer
+        assert state is not None
+        start = state.counters.copy()
+        evicted_before = state.evicted_since_log
+        started: list[Txn] = []
+        done: list[tuple[_Op, Txn, Any]] = []
+        failed: list[tuple[_Op, Txn, BaseException]] = []
+        try:
+            if self._reopen_writer:
+                self._reconnect(state)
+            conn = state.conn
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                if not op.future.set_running_or_notify_cancel():
+                    continue
+                txn = Txn(state)
+                started.append(txn)
+                outcome = self._run_op(conn, state, op, txn)
+                if isinstance(outcome, BaseException):
+                    failed.append((op, txn, outcome))
+                else:
+                    done.append((op, txn, outcome[0]))
+            self._finish(conn, state, start)
+            conn.execute("COMMIT")
+        except (sqlite3.Error, _BatchFailed) as exc:
+            cause = exc.cause if isinstance(exc, _BatchFailed) else exc
+            self._batch_failed(state, start, evicted_before, cause, batch, started)
+            return
+        self._commits += 1
+        state.publish_projects()
+        self._published = state.counters.copy()
+        if self._failing is not None:
+            log.warning("queue database writes succeed again")
+            self._failing = None
+        self._log_evictions(state)
+        enqueued: set[int] = set()
+        for op, txn, error in failed:
+            _run_hooks(txn.rollback_hooks, "after_rollback")
+            op.future.set_exception(error)
+        for _, txn, _ in done:
+            _run_hooks(txn.commit_hooks, "after_commit")
+            enqueued |= txn.enqueued_projects
+        callback = self.on_enqueued
+        if enqueued and callback is not None:
+            try:
+                callback(enqueued)
+            except Exception:
+                log.exception("the on_enqueued callback failed")
+        for op, _, value in done:
+            op.future.set_result(value)
+
+    def _run_op(
+        self, conn: sqlite3.Connection, state: WriterState, op: _Op, txn: Txn
+    ) -> tuple[Any] | BaseException:
+        """Run one op: a tuple with its result, or the exception it raised once its writes
+        (buffered or behind its savepoint) and counter changes are undone. Raises
+        _BatchFailed when the transaction itself is lost."""
+        before = state.counters.copy()
+        self._current_txn = txn
+        try:
+            value = op.fn(txn)
+        except Exception as exc:
+            txn.closed = True
+            if isinstance(exc, sqlite3.Error) and (_is_fatal(exc) or not conn.in_transaction):
+                raise _BatchFailed(exc) from exc
+            if not isinstance(exc, AgentError):
+                log.error("a queue operation failed: %s: %s", type(exc).__name__, exc)
+            if txn.savepoint:
+                try:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                except sqlite3.Error as rollback_error:
+                    raise _BatchFailed(rollback_error) from exc
+            before.rejected = state.counters.rejected  # a refusal is counted even when undone
+            state.counters = before
+            return exc
+        finally:
+            self._current_txn = None
+        txn.closed = True
+        if txn.savepoint:
+            if not conn.in_transaction:
+                raise _BatchFailed(sqlite3.OperationalError("an operation ended the transaction"))
+            conn.execute("RELEASE op")
+        if txn.rows:
+            state.rows.extend(txn.rows)
+        if txn.states:
+            state.states.update(txn.states)
+        if txn.meta:
+            state.meta.update(txn.meta)
+        if txn.new_projects:
+            state.staged_projects.update(txn.new_projects)
+        return (value,)
+
+    def _finish(self, conn: sqlite3.Connection, state: WriterState, start: Counters) -> None:
+        """Counters and the queue head, written in the same transaction as the rows."""
+        state.flush()
+        counters = state.counters
+        if state.head_dirty:
+            head = conn.execute("SELECT created_at FROM outbox ORDER BY id LIMIT 1").fetchone()
+            counters.head_created_at = head[0] if head else None
+            state.head_dirty = False
+        rows = [
+            (key, str(getattr(counters, name)))
+            for name, key in schema.COUNTER_KEYS.items()
+            if self._save_all_counters or getattr(counters, name) != getattr(start, name)
+        ]
+        if rows:
+            conn.executemany(UPSERT_META, rows)
+        self._save_all_counters = False
+
+    def _batch_failed(
+        self,
+        state: WriterState,
+        start: Counters,
+        evicted_before: int,
+        cause: sqlite3.Error,
+        batch: list[_Op],
+        started: list[Txn],
+    ) -> None:
+        try:
+            if state.conn.in_transaction:
+                state.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._reopen_writer = True
+        state.counters = start
+        state.staged_projects = {}
+        state.discard()
+        state.head_dirty = False
+        state.evicted_since_log = evicted_before
+        if not _is_disk_full(cause):
+            self._reopen_writer = True  # after an I/O error the connection may be unusable
+        message = f"disk full: {cause}" if _is_disk_full(cause) else f"storage error: {cause}"
+        if self._failing != message:
+            log.error("queue database write failed, %d operations refused: %s", len(batch), message)
+            self._failing = message
+        error = Unavailable(message)
+        for txn in started:
+            txn.closed = True
+            _run_hooks(txn.rollback_hooks, "after_rollback")
+        for op in batch:
+            # Ops after the failing one were never started; they fail the same way.
+            if op.future.running() or op.future.set_running_or_notify_cancel():
+                op.future.set_exception(error)
+
+    def _reconnect(self, state: WriterState) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            state.conn.close()
+        state.conn = self._connect_writer()
+        self._reopen_writer = False
+
+    def _log_evictions(self, state: WriterState) -> None:
+        if not state.evicted_since_log:
+            return
+        now = time.monotonic()
+        if now - self._last_eviction_log >= _EVICTION_LOG_PERIOD:
+            log.warning(
+                "queue full (queue.max_bytes = %d): dropped the %d oldest items to make room",
+                self.config.max_bytes,
+                state.evicted_since_log,
+            )
+            state.evicted_since_log = 0
+            self._last_eviction_log = now
+
+    # -- projects ---------------------------------------------------------------------------------
+    def project_for(self, project: Project) -> ProjectRow:
+        """The project's row, created if new; from memory when nothing changes.
+
+        From another thread this waits for the writer; on the writer thread it must be called
+        from inside an op (it then joins that op's transaction).
+        """
+        state = self._writer
+        if state is not None:
+            row = state.projects.get(project_key(project))
+            token = project.authorization_token
+            if row is not None and (not token or token == row.authorization_token):
+                return row
+        if self._thread is not None and threading.current_thread() is self._thread:
+            if self._current_txn is None:
+                raise RuntimeError("project_for on the writer thread outside an op: use Txn")
+            return self._current_txn.project_for(project)
+        return self.submit(lambda txn: txn.project_for(project)).result()
+
+    # -- reading ---------------------------------------------------------------------------------
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (created on first use; closed by close())."""
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is not None and getattr(local, "generation", None) == self._generation:
+            return conn
+        if not self._is_open:
+            raise StoreError("the queue database is not open")
+        try:
+            conn = schema.connect(self._path, durability=self.config.durability, role="reader")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read queue database {self._path}: {exc}") from exc
+        with self._readers_lock:
+            self._readers.append(conn)
+        local.conn = conn
+        local.generation = self._generation
+        return conn
+
+    def stats(self) -> QueueStats:
+        """From memory only (safe on the event loop); reflects committed transactions."""
+        c = self._published
+        oldest = None
+        if c.items and c.head_created_at is not None:
+            oldest = max(0.0, time.time() - c.head_created_at)
+        return QueueStats(
+            items=c.items,
+            bytes=c.bytes,
+            max_bytes=self.config.max_bytes,
+            dropped=c.dropped,
+            rejected=c.rejected,
+            dead_letters=c.dead_items,
+            dead_letter_bytes=c.dead_bytes,
+            oldest_age=oldest,
+            dead_letters_dropped=c.dead_dropped,
+        )
+
+    def projects(self) -> list[ProjectRow]:
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT id, base_url, project_token, authorization_token FROM projects ORDER BY id"
+            )
+            .fetchall()
+        )
+        return [ProjectRow(*row) for row in rows]
+
+    def load_app_states(self) -> dict[str, AppState]:
+        """Every app's state; one that no longer parses is logged and skipped, not fatal."""
+        states: dict[str, AppState] = {}
+        for app, text in self.reader().execute("SELECT app, state FROM app_states").fetchall():
+            try:
+                states[app] = AppState.model_validate_json(text)
+            except ValueError as exc:
+                log.error("stored state of app %s is invalid and was ignored: %s", app, exc)
+        return states
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def read_batch(self, project_id: int, limit: int, after_id: int = 0) -> list[QueuedItem]:
+        """Oldest first: the project's next `limit` items with id > after_id."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT id, project_id, payload, created_at FROM outbox "
+                "WHERE project_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (project_id, after_id, limit),
+            )
+            .fetchall()
+        )
+        return [QueuedItem(*row) for row in rows]
+
+    def list_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT id, project_id, payload, created_at FROM outbox "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [QueuedItem(*row) for row in rows]
+
+    def get_item(self, item_id: int) -> QueuedItem | None:
+        row = (
+            self.reader()
+            .execute(
+                "SELECT id, project_id, payload, created_at FROM outbox WHERE id = ?", (item_id,)
+            )
+            .fetchone()
+        )
+        return None if row is None else QueuedItem(*row)
+
+    def dead_letters(self, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT id, project_id, payload, created_at, failed_at, reason FROM dead_letters "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [DeadLetter(*row) for row in rows]
