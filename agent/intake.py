@@ -25,6 +25,7 @@ from agent.commands import (
 )
 from agent.config import AgentConfig
 from agent.errors import AgentError, Forbidden, InternalError, InvalidCommand, TooLarge, UnknownApp
+from agent.logs import RateLimitedLog
 
 log = logging.getLogger("engagement_agent.intake")
 
@@ -86,6 +87,9 @@ class Intake:
         self._backend = backend
         self._clock = clock
         self._privileged = {0, os.getuid() if own_uid is None else own_uid}
+        # A misbehaving app can send thousands of bad commands a second; the journal gets one
+        # line per error code and peer per minute, with the count of the rest.
+        self._rejections = RateLimitedLog(log)
 
     def reload(self, config: AgentConfig) -> None:
         self._config = config
@@ -165,7 +169,8 @@ class Intake:
         self, error: AgentError, app: str | None, command: str | None, origin: Origin
     ) -> None:
         peer = f"uid {origin.uid}" if origin.transport == "socket" else "mqtt"
-        log.info(
+        self._rejections.info(
+            (error.code, peer),
             "rejected %s for app %s from %s: %s",
             command or "command",
             app or "?",
@@ -185,6 +190,5 @@ __all__ = [
     "Intake",
     "Origin",
     "Reply",
-    "UnknownApp",
     "reply_for_unreadable",
 ]
