@@ -1,0 +1,681 @@
+"""The MQTT adapter against a real Mosquitto, in-process, with a stand-in backend.
+
+The daemon's wiring is tested elsewhere; here the backend is a small fake that commits into a
+list (and can be held or made unavailable), so every test is about the MQTT layer: when the
+PUBACK goes out, what the broker redelivers, which topic each reply lands on.
+
+Every wait is a condition with a deadline; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import AgentConfig, MqttConfig
+from agent.errors import Unavailable
+from agent.intake import Intake
+from agent.mqtt import MqttAdapter
+from tests.fixtures.mosquitto import MosquittoBroker
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE = "dev1"
+CMD = f"engagement/{DEVICE}/kiosk/command"
+ERR = f"engagement/{DEVICE}/kiosk/error"
+REPLY = f"engagement/{DEVICE}/kiosk/reply"
+STATUS = f"engagement/{DEVICE}/status"
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class FakeBackend:
+    """Commits into a list. `gate` holds commits; `fail_next` makes calls unavailable."""
+
+    def __init__(self) -> None:
+        self.committed: list[tuple[str, Any]] = []
+        self.calls = 0
+        self.waiting = 0
+        self.fail_next = 0
+        self.gate: asyncio.Event | None = None
+
+    async def track(self, app: str, command: Any, now: float) -> Mapping[str, Any] | None:
+        self.calls += 1
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise Unavailable("the disk is full")
+        if self.gate is not None:
+            self.waiting += 1
+            await self.gate.wait()
+        self.committed.append((app, command))
+        return None
+
+    async def query(self, app: str, command: Any) -> Mapping[str, Any]:
+        return {"app": app, "queried": command.command}
+
+    def names(self) -> list[str]:
+        return [command.name for _, command in self.committed if command.command == "track_event"]
+
+
+class AppClient:
+    """The app side: a plain paho client on its own network thread."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        protocol: int = 5,
+        client_id: str | None = None,
+        persistent: bool = False,
+    ) -> None:
+        v5 = protocol == 5
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"app-{uuid.uuid4().hex[:10]}",
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else not persistent,
+        )
+        self._lock = threading.Lock()
+        self._messages: list[paho.MQTTMessage] = []
+        self._subacks: set[int] = set()
+        self.pubacks: set[int] = set()
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        properties = None
+        if v5 and persistent:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 3600
+        if v5:
+            self.client.connect(
+                "127.0.0.1", port, clean_start=not persistent, properties=properties
+            )
+        else:
+            self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        with self._lock:
+            self._messages.append(message)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self._lock:
+            self._subacks.add(mid)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, code: Any, props: Any) -> None:
+        with self._lock:
+            self.pubacks.add(mid)
+
+    def subscribe(self, topic: str) -> None:
+        _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None
+        wait_sync(lambda: mid in self._subacks, what=f"SUBACK for {topic}")
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str | dict[str, Any],
+        *,
+        properties: Properties | None = None,
+        retain: bool = False,
+    ) -> paho.MQTTMessageInfo:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        return self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+
+    def messages(self, topic: str) -> list[paho.MQTTMessage]:
+        with self._lock:
+            return [m for m in self._messages if m.topic == topic]
+
+    def payloads(self, topic: str) -> list[Any]:
+        return [json.loads(m.payload) for m in self.messages(topic)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_sync(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def make_config(port: int, **mqtt: Any) -> AgentConfig:
+    settings: dict[str, Any] = {"host": "127.0.0.1", "port": port, **mqtt}
+    return AgentConfig(device_id=DEVICE, mqtt=MqttConfig(**settings))
+
+
+class Harness:
+    """Builds adapters that share a client id (so they share the broker-side session)."""
+
+    def __init__(self, broker: MosquittoBroker, **mqtt: Any) -> None:
+        self.broker = broker
+        self.config = make_config(broker.port, **mqtt)
+        self.status: dict[str, Any] = {"online": True, "version": "test", "uptime": 0.0}
+
+    async def start(self, backend: FakeBackend, **timings: Any) -> MqttAdapter:
+        options: dict[str, Any] = {
+            "reconnect_base": 0.1,
+            "reconnect_cap": 1.0,
+            "retry_base": 0.05,
+            "drain_timeout": 0.5,
+            **timings,
+        }
+        adapter = MqttAdapter(
+            self.config,
+            Intake(self.config, backend),
+            asyncio.get_running_loop(),
+            lambda: dict(self.status),
+            **options,
+        )
+        adapter.start()
+        await until(lambda: adapter.connected, "the adapter to connect")
+        return adapter
+
+
+def track(name: str, **extra: Any) -> dict[str, Any]:
+    return {"command": "track_event", "name": name, **extra}
+
+
+async def to_thread(fn: Callable[[], Any]) -> Any:
+    return await asyncio.to_thread(fn)
+
+
+# ---------------------------------------------------------------------------- delivery and acks
+
+
+def test_command_is_acked_only_after_commit_and_redelivered_otherwise(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        held = FakeBackend()
+        held.gate = asyncio.Event()
+        first = await harness.start(held)
+        app = AppClient(mosquitto.port)
+        app.publish(CMD, track("held"))
+        await until(lambda: held.waiting == 1, "the backend to be committing the command")
+        # The agent goes away while the commit is still pending: no PUBACK may have been sent.
+        await first.stop()
+        held.gate.set()
+
+        backend = FakeBackend()
+        second = await harness.start(backend)
+        await until(lambda: backend.names() == ["held"], "the broker to redeliver the command")
+
+        # This time it was committed and acked: a third agent must not see it again. The
+        # broker resends unacked messages before anything new, so a sentinel settles it.
+        await second.stop()
+        third_backend = FakeBackend()
+        third = await harness.start(third_backend)
+        app.publish(CMD, track("sentinel"))
+        await until(lambda: third_backend.names() == ["sentinel"], "the sentinel")
+        await third.stop()
+        app.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("protocol", [5, 3])
+def test_commands_published_while_stopped_arrive_after_start(
+    mosquitto: MosquittoBroker, protocol: int
+) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto, protocol=protocol)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)  # creates the persistent session
+        await adapter.stop()
+        app = AppClient(mosquitto.port, protocol=protocol)
+        infos = [app.publish(CMD, track(f"offline-{i}")) for i in range(20)]
+        await to_thread(lambda: [info.wait_for_publish(5) for info in infos])
+        assert backend.committed == []
+
+        adapter = await harness.start(backend)
+        expected = [f"offline-{i}" for i in range(20)]
+        await until(lambda: sorted(backend.names()) == sorted(expected), "queued commands")
+        app.publish("engagement/all/kiosk/command", track("broadcast"))
+        await until(lambda: "broadcast" in backend.names(), "the broadcast command")
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_rejected_commands_are_acked_and_reported_on_the_error_topic(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)
+        app = AppClient(mosquitto.port)
+        app.subscribe("engagement/dev1/+/error")
+        app.publish(CMD, b'{"command": "track_event", "name": ')
+        app.publish("engagement/dev1/Bad_App/command", track("x", request_id="bad-app"))
+        app.publish(CMD, track("x", app="other", request_id="mismatch"))
+        app.publish(CMD, track("x", colour="blue"))
+        app.publish(CMD, b'{"command": "track_event", "name": "x", "properties": {"v": NaN}}')
+
+        def errors() -> list[Any]:
+            return [*app.payloads(ERR), *app.payloads("engagement/dev1/Bad_App/error")]
+
+        await until(lambda: len(errors()) == 5, "five error replies")
+        codes = sorted(reply["error"]["code"] for reply in errors())
+        assert codes == sorted(
+            [
+                "invalid_json",
+                "invalid_command",
+                "invalid_command",
+                "invalid_command",
+                "invalid_json",
+            ]
+        )
+        bad_app = app.payloads("engagement/dev1/Bad_App/error")
+        assert bad_app[0]["ok"] is False and bad_app[0]["request_id"] == "bad-app"
+        mismatch = [r for r in app.payloads(ERR) if r["request_id"] == "mismatch"]
+        assert mismatch[0]["error"]["details"][0]["field"] == "app"
+        assert all(m.retain is False for m in app.messages(ERR))
+        assert backend.committed == []
+
+        # All were acked: a fresh connection gets only the sentinel.
+        await adapter.stop()
+        backend2 = FakeBackend()
+        adapter = await harness.start(backend2)
+        app.publish(CMD, track("sentinel"))
+        await until(lambda: backend2.names() == ["sentinel"], "the sentinel")
+        assert backend2.calls == 1
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_retained_command_is_refused_not_replayed(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto, protocol=3)
+        app = AppClient(mosquitto.port)
+        app.subscribe(ERR)
+        info = app.publish(CMD, track("retained"), retain=True)
+        await to_thread(lambda: info.wait_for_publish(5))
+        backend = FakeBackend()
+        adapter = await harness.start(backend)  # 3.1.1 gets retained messages on subscribe
+        await until(lambda: app.payloads(ERR), "the retained command's error")
+        assert "retained" in app.payloads(ERR)[0]["error"]["message"]
+        assert backend.committed == []
+        await adapter.stop()
+        app.publish(CMD, b"", retain=True)
+        app.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------- replies
+
+
+def test_request_id_and_queries_reply_on_the_reply_topic(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)
+        app = AppClient(mosquitto.port)
+        app.subscribe(REPLY)
+        app.publish(CMD, track("silent"))  # no request_id: no reply
+        app.publish(CMD, track("loud", request_id="r1"))
+        app.publish(CMD, {"command": "status"})
+        app.publish(CMD, track("x", bogus=1, request_id="r2"))
+        await until(lambda: len(app.payloads(REPLY)) == 3, "three replies")
+        replies = {r["request_id"]: r for r in app.payloads(REPLY)}
+        assert replies["r1"] == {"ok": True, "request_id": "r1", "result": {}}
+        assert replies[None]["result"] == {"app": "kiosk", "queried": "status"}
+        assert replies["r2"]["ok"] is False
+        assert replies["r2"]["error"]["code"] == "invalid_command"
+        assert sorted(backend.names()) == ["loud", "silent"]
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_mqtt5_response_topic_gets_every_reply_with_correlation_data(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)
+        app = AppClient(mosquitto.port)
+        app.subscribe("app/responses/#")
+        app.subscribe(ERR)
+        app.subscribe(REPLY)
+
+        def request(payload: Any, correlation: bytes) -> None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = "app/responses/kiosk"
+            properties.CorrelationData = correlation
+            app.publish(CMD, payload, properties=properties)
+
+        request(track("ok"), b"\x00corr-1")
+        request(b"not json", b"corr-2")
+        await until(lambda: len(app.messages("app/responses/kiosk")) == 2, "two responses")
+        by_correlation = {
+            m.properties.CorrelationData: json.loads(m.payload)  # type: ignore[union-attr]
+            for m in app.messages("app/responses/kiosk")
+        }
+        assert by_correlation[b"\x00corr-1"]["ok"] is True
+        assert by_correlation[b"corr-2"]["error"]["code"] == "invalid_json"
+        # The error is also on the error topic; the reply topic stays quiet.
+        await until(lambda: app.payloads(ERR), "the error topic copy")
+        assert app.payloads(ERR)[0]["error"]["code"] == "invalid_json"
+        assert app.messages(REPLY) == []
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------- status and will
+
+
+def test_status_is_retained_on_connect_changes_and_goes_offline_on_stop(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        harness.status["queue"] = {"items": 0}
+        watcher = AppClient(mosquitto.port)
+        watcher.subscribe(STATUS)
+        adapter = await harness.start(FakeBackend(), status_min_interval=0.0)
+        await until(lambda: watcher.messages(STATUS), "the status on connect")
+        assert watcher.payloads(STATUS)[0] == {
+            "online": True,
+            "version": "test",
+            "uptime": 0.0,
+            "queue": {"items": 0},
+        }
+        early = AppClient(mosquitto.port)
+        early.subscribe(STATUS)
+        await until(lambda: early.messages(STATUS), "the retained status")
+        assert early.messages(STATUS)[0].retain is True
+        early.close()
+
+        harness.status["uptime"] = 5.0  # uptime alone is not a change
+        adapter.status_changed()
+        harness.status["queue"] = {"items": 7}
+        adapter.status_changed()
+        await until(lambda: len(watcher.messages(STATUS)) >= 2, "the changed status")
+        changed = watcher.payloads(STATUS)[1]
+        assert changed["queue"] == {"items": 7} and changed["online"] is True
+
+        await adapter.stop()
+        await until(lambda: watcher.payloads(STATUS)[-1] == {"online": False}, "the offline status")
+        assert len(watcher.messages(STATUS)) == 3
+        # Retained: a late subscriber sees offline too.
+        late = AppClient(mosquitto.port)
+        late.subscribe(STATUS)
+        await until(lambda: late.payloads(STATUS) == [{"online": False}], "retained offline")
+        watcher.close()
+        late.close()
+
+    run(scenario)
+
+
+AGENT_PROCESS = """
+import asyncio, sys
+from agent.config import AgentConfig, MqttConfig
+from agent.intake import Intake
+from agent.mqtt import MqttAdapter
+
+class Backend:
+    async def track(self, app, command, now):
+        return None
+    async def query(self, app, command):
+        return {}
+
+async def main():
+    config = AgentConfig(device_id="dev9", mqtt=MqttConfig(host="127.0.0.1", port=int(sys.argv[1])))
+    adapter = MqttAdapter(config, Intake(config, Backend()), asyncio.get_running_loop(),
+                          lambda: {"online": True, "pid": 1})
+    adapter.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_last_will_marks_a_killed_agent_offline(mosquitto: MosquittoBroker) -> None:
+    watcher = AppClient(mosquitto.port)
+    watcher.subscribe("engagement/dev9/status")
+    agent = subprocess.Popen([sys.executable, "-c", AGENT_PROCESS, str(mosquitto.port)], cwd=REPO)
+    try:
+        wait_sync(
+            lambda: {"online": True, "pid": 1} in watcher.payloads("engagement/dev9/status"),
+            what="the agent's online status",
+        )
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        wait_sync(
+            lambda: watcher.payloads("engagement/dev9/status")[-1] == {"online": False},
+            what="the last will",
+        )
+        will = watcher.messages("engagement/dev9/status")[-1]
+        assert will.qos == 1
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        watcher.close()
+    late = AppClient(mosquitto.port)
+    late.subscribe("engagement/dev9/status")
+    wait_sync(
+        lambda: late.payloads("engagement/dev9/status") == [{"online": False}],
+        what="the retained will",
+    )
+    late.close()
+
+
+# ---------------------------------------------------------------------------- failures
+
+
+def test_unavailable_is_not_acked_and_retried_until_accepted(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        backend.fail_next = 3
+        adapter = await harness.start(backend)
+        app = AppClient(mosquitto.port)
+        app.subscribe(ERR)
+        app.publish(CMD, track("eventually", request_id="r-un"))
+        await until(lambda: backend.names() == ["eventually"], "the retried command")
+        assert backend.calls == 4
+        app.publish(CMD, b"{}")  # a permanent error, as a marker on the error topic
+        await until(lambda: app.payloads(ERR), "the marker error")
+        assert [r["error"]["code"] for r in app.payloads(ERR)] == ["invalid_command"]
+
+        # It was acked once accepted: not redelivered to the next connection.
+        await adapter.stop()
+        backend2 = FakeBackend()
+        adapter = await harness.start(backend2)
+        app.publish(CMD, track("sentinel"))
+        await until(lambda: backend2.names() == ["sentinel"], "the sentinel")
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_unavailable_during_stop_is_left_to_the_broker(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        backend.fail_next = 10**6  # shutting down: everything is unavailable
+        adapter = await harness.start(backend, retry_base=0.05)
+        app = AppClient(mosquitto.port)
+        app.publish(CMD, track("later"))
+        await until(lambda: backend.calls >= 2, "a retry")
+        await adapter.stop()
+        backend2 = FakeBackend()
+        adapter = await harness.start(backend2)
+        await until(lambda: backend2.names() == ["later"], "the redelivered command")
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_broker_restart_mid_stream_loses_no_acknowledged_message(
+    mosquitto: MosquittoBroker,
+) -> None:
+    total = 400
+
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)
+        app = AppClient(mosquitto.port, client_id="publisher", persistent=True)
+        infos: list[paho.MQTTMessageInfo] = []
+        for i in range(total):
+            infos.append(app.publish(CMD, track(f"m{i}")))
+            if i == total // 3:
+                await until(lambda: len(backend.committed) > 20, "some commands through")
+                await to_thread(mosquitto.stop)
+            if i == total // 2:
+                await to_thread(mosquitto.start)
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+        # Every message the broker acknowledged to the publisher must reach the backend.
+        mids = [info.mid for info in infos]
+        await until(lambda: app.pubacks.issuperset(mids), "publisher PUBACKs", timeout=30)
+        expected = {f"m{i}" for i in range(total)}
+        await until(
+            lambda: expected <= set(backend.names()), "every acknowledged message", timeout=30
+        )
+        assert adapter.connected
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_broker_down_at_start_neither_raises_nor_blocks(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        mosquitto.stop()
+        backend = FakeBackend()
+        config = make_config(mosquitto.port)
+        adapter = MqttAdapter(
+            config,
+            Intake(config, backend),
+            asyncio.get_running_loop(),
+            lambda: {"online": True},
+            reconnect_base=0.1,
+            reconnect_cap=0.5,
+        )
+        adapter.start()
+        assert not adapter.connected
+        await asyncio.sleep(0.3)  # let a few attempts fail
+        await to_thread(mosquitto.start)
+        await until(lambda: adapter.connected, "the adapter to connect once the broker is up")
+        app = AppClient(mosquitto.port)
+        app.publish(CMD, track("hello"))
+        await until(lambda: backend.names() == ["hello"], "a command")
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_stop_while_broker_is_down_returns(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        adapter = await harness.start(FakeBackend())
+        await to_thread(mosquitto.stop)
+        await until(lambda: not adapter.connected, "the adapter to notice")
+        await asyncio.wait_for(adapter.stop(), 15)
+
+    run(scenario)
+
+
+def test_reload_moves_to_new_topics(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)
+        new_config = AgentConfig(
+            device_id=DEVICE,
+            mqtt=MqttConfig(
+                host="127.0.0.1",
+                port=mosquitto.port,
+                topic_prefix="site/a",
+                client_id=f"engagement-agent-{DEVICE}",
+            ),
+        )
+        adapter.reload(new_config)
+        app = AppClient(mosquitto.port)
+        app.subscribe(f"site/a/{DEVICE}/status")
+        await until(lambda: app.payloads(f"site/a/{DEVICE}/status"), "status on the new prefix")
+        app.publish(CMD, track("old-prefix"))
+        app.publish(f"site/a/{DEVICE}/kiosk/command", track("new-prefix"))
+        await until(lambda: "new-prefix" in backend.names(), "a command on the new prefix")
+        assert "old-prefix" not in backend.names()
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_invalid_settings_never_raise_from_start(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = AgentConfig(
+            device_id=DEVICE,
+            mqtt=MqttConfig(host="127.0.0.1", port=1, tls=True, ca_file=tmp_path / "missing"),
+        )
+        adapter = MqttAdapter(
+            config,
+            Intake(config, FakeBackend()),
+            asyncio.get_running_loop(),
+            lambda: {"online": True},
+            reconnect_base=0.05,
+            reconnect_cap=0.1,
+        )
+        adapter.start()
+        await asyncio.sleep(0.2)
+        assert not adapter.connected
+        await asyncio.wait_for(adapter.stop(), 10)
+
+    run(scenario)
