@@ -1,0 +1,144 @@
+"""MQTT through the running daemon: a real Mosquitto, real publishers, the API stand-in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.apistub import ApiStub
+from tests.fixtures.daemon import AgentProcess, wait_for
+from tests.fixtures.mosquitto import MosquittoBroker
+
+PREFIX = "engagement"
+DEVICE = "test-device"
+
+
+class Subscriber:
+    """An app-side client that records every message on the topics it subscribed to."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+        assert subscribed.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((message.topic, message.payload, bool(message.retain)))
+
+    def on(self, topic: str) -> list[Any]:
+        with self._lock:
+            return [json.loads(p) for t, p, _ in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def publish(broker: MosquittoBroker, app: str, payload: str) -> None:
+    subprocess.run(
+        [
+            "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+            "-t", f"{PREFIX}/{DEVICE}/{app}/command", "-m", payload,
+        ],
+        check=True,
+        timeout=30,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def agent(make_agent: Any, mosquitto: MosquittoBroker, api_stub: ApiStub) -> AgentProcess:
+    process: AgentProcess = make_agent(
+        {
+            "device_id": DEVICE,
+            "project": {
+                "project_token": "proj-a",
+                "authorization_token": "key-a",
+                "base_url": api_stub.url,
+            },
+            "mqtt": {"enabled": True, "host": "127.0.0.1", "port": mosquitto.port},
+            "sync": {"flush_mode": "immediate"},
+        }
+    )
+    process.start()
+    wait_for(lambda: process.status()["mqtt"]["connected"], 15, "the agent's MQTT connection")
+    return process
+
+
+def event_types(api: ApiStub) -> list[str]:
+    return [r.data.get("event_type", "") for r in api.received("proj-a")]
+
+
+def test_mqtt_command_reaches_the_api(
+    agent: AgentProcess, mosquitto: MosquittoBroker, api_stub: ApiStub
+) -> None:
+    publish(mosquitto, "kiosk-ui", json.dumps({"command": "track_event", "name": "via_mqtt"}))
+    wait_for(lambda: "via_mqtt" in event_types(api_stub), 15, "the event at the API")
+    assert "kiosk-ui" in agent.status()["apps"]
+
+
+def test_commands_published_while_the_agent_is_down_arrive_after_restart(
+    agent: AgentProcess, mosquitto: MosquittoBroker, api_stub: ApiStub
+) -> None:
+    assert agent.terminate() == 0
+    for i in range(20):
+        publish(mosquitto, "kiosk-ui", json.dumps({"command": "track_event", "name": f"offline{i}"}))
+    agent.start()
+    wait_for(
+        lambda: all(f"offline{i}" in event_types(api_stub) for i in range(20)),
+        30,
+        "all 20 commands published while the agent was down",
+    )
+
+
+def test_bad_command_is_reported_on_the_error_topic(
+    agent: AgentProcess, mosquitto: MosquittoBroker
+) -> None:
+    error_topic = f"{PREFIX}/{DEVICE}/kiosk-ui/error"
+    reply_topic = f"{PREFIX}/{DEVICE}/kiosk-ui/reply"
+    app_side = Subscriber(mosquitto.port, f"{PREFIX}/{DEVICE}/kiosk-ui/#")
+    try:
+        publish(mosquitto, "kiosk-ui", '{"command": "track_event", "name": "x", "typo": 1}')
+        publish(mosquitto, "kiosk-ui", "{not json")
+        wait_for(lambda: len(app_side.on(error_topic)) >= 2, 15, "two error messages")
+        codes = [e["error"]["code"] for e in app_side.on(error_topic)]
+        assert codes == ["invalid_command", "invalid_json"]
+        # Both were acked: after a restart the broker does not deliver them again. The probe's
+        # reply comes after anything the broker still had queued for the agent.
+        assert agent.terminate() == 0
+        agent.start()
+        publish(mosquitto, "kiosk-ui", '{"command": "status", "request_id": "probe"}')
+        wait_for(lambda: app_side.on(reply_topic), 15, "the probe's reply")
+        assert app_side.on(reply_topic)[0]["request_id"] == "probe"
+        assert len(app_side.on(error_topic)) == 2
+    finally:
+        app_side.close()
+
+
+def test_retained_status_and_last_will(agent: AgentProcess, mosquitto: MosquittoBroker) -> None:
+    status_topic = f"{PREFIX}/{DEVICE}/status"
+    watcher = Subscriber(mosquitto.port, status_topic)
+    try:
+        first = wait_for(lambda: watcher.on(status_topic), 15, "retained status")[0]
+        assert first["online"] is True
+        assert {"items", "bytes", "max_bytes", "dropped", "dead_letters", "oldest_age"} <= set(
+            first["queue"]
+        )
+        assert first["mqtt"]["connected"] is True
+        agent.kill()
+        wait_for(
+            lambda: watcher.on(status_topic)[-1] == {"online": False}, 30, "the last will"
+        )
+    finally:
+        watcher.close()
