@@ -93,7 +93,8 @@ def test_commands_published_while_the_agent_is_down_arrive_after_restart(
 ) -> None:
     assert agent.terminate() == 0
     for i in range(20):
-        publish(mosquitto, "kiosk-ui", json.dumps({"command": "track_event", "name": f"offline{i}"}))
+        command = {"command": "track_event", "name": f"offline{i}"}
+        publish(mosquitto, "kiosk-ui", json.dumps(command))
     agent.start()
     wait_for(
         lambda: all(f"offline{i}" in event_types(api_stub) for i in range(20)),
