@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, cast, get_args
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -94,16 +94,6 @@ class ProjectSpec(BaseModel):
     )
 
 
-EVENT_TYPES = (
-    "install",
-    "session_start",
-    "session_end",
-    "track_event",
-    "track_customer",
-    "payment",
-    "push_token",
-    "banner",
-)
 EventTypeName = Literal[
     "install",
     "session_start",
@@ -114,6 +104,7 @@ EventTypeName = Literal[
     "push_token",
     "banner",
 ]
+EVENT_TYPES: tuple[str, ...] = get_args(EventTypeName)
 
 
 class Anonymize(_Command):
@@ -259,7 +250,7 @@ def _tag(cls: type[_Command]) -> str:
 #: The app-facing commands, for error messages (admin commands are not advertised).
 COMMAND_NAMES = tuple(sorted(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMMANDS))
 
-_command_adapter: TypeAdapter[Any] = TypeAdapter(Command)
+_command_adapter: TypeAdapter[Any] = TypeAdapter(cast(Any, Command))
 
 
 def is_tracking(command: object) -> bool:

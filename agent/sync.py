@@ -46,7 +46,7 @@ from agent.store import ProjectRow, QueuedItem, Store, Txn
 from agent.tracker.model import Project
 
 if TYPE_CHECKING:  # Protocols that urllib3 defines for type checkers only
-    from urllib3._base_connection import BaseHTTPConnection, BaseHTTPSConnection
+    from urllib3._base_connection import BaseHTTPConnection
 
 log = logging.getLogger("engagement_agent.sync")
 
@@ -96,6 +96,15 @@ class _PoolMixin:
 
     live: weakref.WeakSet[BaseHTTPConnection]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.live = weakref.WeakSet()
+
+    def _new_conn(self) -> Any:
+        conn = super()._new_conn()  # type: ignore[misc]
+        self.live.add(conn)
+        return conn
+
     def abort(self) -> None:
         for conn in list(self.live):
             sock = getattr(conn, "sock", None)
@@ -105,25 +114,11 @@ class _PoolMixin:
 
 
 class _HTTPPool(_PoolMixin, urllib3.HTTPConnectionPool):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.live = weakref.WeakSet()
-
-    def _new_conn(self) -> BaseHTTPConnection:
-        conn = super()._new_conn()
-        self.live.add(conn)
-        return conn
+    pass
 
 
 class _HTTPSPool(_PoolMixin, urllib3.HTTPSConnectionPool):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.live = weakref.WeakSet()
-
-    def _new_conn(self) -> BaseHTTPSConnection:
-        conn = super()._new_conn()
-        self.live.add(conn)
-        return conn
+    pass
 
 
 _Pool: TypeAlias = "_HTTPPool | _HTTPSPool"

@@ -300,7 +300,9 @@ def main() -> None:
     parser.add_argument("--churn-rounds", type=int, default=5)
     parser.add_argument("--million", action="store_true", help="1,000,000-item RSS hold + drain")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write raw results here")
     args = parser.parse_args()
+    results: dict[str, Any] = {}
 
     workdir = args.dir or tempfile.mkdtemp(prefix="bench-queue-")
     os.makedirs(workdir, exist_ok=True)
@@ -325,9 +327,11 @@ def main() -> None:
         print(f"{label:<58} {pq['rate']:>10,.0f} {'1.0':>13}")
         ratio = closed["rate"] / pq["rate"]
         print(f"{'ratio store (wait each commit) / persist-queue':<58} {ratio:>10.1f}x")
+        results.update(closed=closed, piped=piped, single=single, pq=pq, ratio=ratio)
         print()
 
         disk = bench_disk_use(workdir, args.durability, 100_000)
+        results["disk"] = disk
         print(
             f"disk: {disk['items']:,} items, payload {disk['payload_avg']:.0f} B/item, "
             f"file {disk['disk_per_item']:.0f} B/item = {disk['ratio']:.2f}x payload "
@@ -340,14 +344,15 @@ def main() -> None:
         print(
             f"{'round':>5} {'queued':>8} {'db full MiB':>12} {'wal MiB':>8} {'db drained MiB':>15}"
         )
-        for row in bench_churn(workdir, args.durability, cap, args.churn_rounds):
+        results["churn"] = bench_churn(workdir, args.durability, cap, args.churn_rounds)
+        for row in results["churn"]:
             print(
                 f"{row['round']:>5} {row['queued_at_full']:>8,} {row['db_full'] / 2**20:>12.2f} "
                 f"{row['wal_full'] / 2**20:>8.2f} {row['db_drained'] / 2**20:>15.2f}"
             )
         if args.million:
             print()
-            m = bench_million(workdir, args.durability, 1_000_000)
+            m = results["million"] = bench_million(workdir, args.durability, 1_000_000)
             print(
                 f"million: fill {m['fill_rate']:,.0f} items/s (1000 per op), drain "
                 f"{m['drain_rate']:,.0f} items/s (read_batch 50 + ack), file "
@@ -358,6 +363,9 @@ def main() -> None:
                 f"during drain {m['rss_drain_min_mib']:.1f}-{m['rss_drain_max_mib']:.1f}, "
                 f"end {m['rss_end_mib']:.1f}, peak {m['rss_peak_mib']:.1f}"
             )
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(results, out, indent=1)
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)

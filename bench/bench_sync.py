@@ -13,6 +13,7 @@ its CPU does not share our GIL, as with a real API. Results go in docs/benchmark
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -138,6 +139,7 @@ def main() -> int:
     parser.add_argument("--durability", choices=["full", "normal"], default="full")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write raw results here")
     args = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -147,10 +149,12 @@ def main() -> int:
         f"{'cpu s':>6} {'commits':>8}"
     )
     rates = []
+    results = []
     for i in range(args.runs):
         r = run(args.items, args.durability, args.batch_size)
         assert r["sent"] == args.items, r
         rates.append(r["rate"])
+        results.append(r)
         print(
             f"{i + 1:>3} {r['items']:>8} {r['seconds']:>8.2f} {r['rate']:>9.0f} "
             f"{r['requests_per_s']:>7.0f} {r['mb_per_s']:>6.2f} {r['agent_cpu_s']:>6.2f} "
@@ -158,6 +162,9 @@ def main() -> int:
         )
     rates.sort()
     print(f"median drain rate: {rates[len(rates) // 2]:.0f} items/s (durability {args.durability})")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"durability": args.durability, "runs": results}, out, indent=1)
     return 0
 
 

@@ -32,6 +32,7 @@ from agent.config import AgentConfig, MqttConfig
 from agent.errors import Unavailable
 from agent.intake import Intake
 from agent.mqtt import MqttAdapter
+from tests.fixtures.daemon import wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +126,7 @@ class AppClient:
     def subscribe(self, topic: str) -> None:
         _, mid = self.client.subscribe(topic, qos=1)
         assert mid is not None
-        wait_sync(lambda: mid in self._subacks, what=f"SUBACK for {topic}")
+        wait_for(lambda: mid in self._subacks, what=f"SUBACK for {topic}")
 
     def publish(
         self,
@@ -149,17 +150,6 @@ class AppClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def wait_sync(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
@@ -484,13 +474,13 @@ def test_last_will_marks_a_killed_agent_offline(mosquitto: MosquittoBroker) -> N
     watcher.subscribe("engagement/dev9/status")
     agent = subprocess.Popen([sys.executable, "-c", AGENT_PROCESS, str(mosquitto.port)], cwd=REPO)
     try:
-        wait_sync(
+        wait_for(
             lambda: {"online": True, "pid": 1} in watcher.payloads("engagement/dev9/status"),
             what="the agent's online status",
         )
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
-        wait_sync(
+        wait_for(
             lambda: watcher.payloads("engagement/dev9/status")[-1] == {"online": False},
             what="the last will",
         )
@@ -503,7 +493,7 @@ def test_last_will_marks_a_killed_agent_offline(mosquitto: MosquittoBroker) -> N
         watcher.close()
     late = AppClient(mosquitto.port)
     late.subscribe("engagement/dev9/status")
-    wait_sync(
+    wait_for(
         lambda: late.payloads("engagement/dev9/status") == [{"online": False}],
         what="the retained will",
     )

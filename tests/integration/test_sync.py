@@ -22,20 +22,14 @@ from agent.config import AgentConfig
 from agent.store import Store
 from agent.sync import USER_AGENT, Syncer
 from agent.tracker.model import UNCONFIGURED_PROJECT, OutboundItem, Project
+from tests.fixtures.daemon import wait_for
 
 TIMEOUT = 15.0
 
 
 def eventually(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
     """Wait for a condition of the store or syncer (they have no change notification)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    return wait_for(condition, timeout, what)
 
 
 def event(seq: int, event_type: str = "test", **properties: Any) -> dict[str, Any]:
