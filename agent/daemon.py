@@ -39,7 +39,7 @@ log = logging.getLogger("engagement_agent.daemon")
 #: How long SIGTERM waits for in-flight commands, and for the last flush.
 SHUTDOWN_COMMAND_GRACE = 3.0
 SHUTDOWN_FLUSH_SECONDS = 3.0
-#: The writer may be busy, but if work waits this long without progress it is stuck.
+#: Without a systemd watchdog: how long work may wait on the writer before we call it stuck.
 WRITER_STALL_SECONDS = 20.0
 DEVICE_UUID_META = "device_uuid"
 
@@ -212,9 +212,12 @@ class Daemon:
         """Pets the systemd watchdog only while the loop runs and the writer makes progress."""
         interval = self.notifier.watchdog_interval()
         period = min(interval, 10.0) if interval else 10.0
+        # A writer stuck for half of WatchdogSec (a hung fsync, a frozen disk) stops the pings,
+        # so systemd restarts us before the other half is over.
+        stall = interval if interval else WRITER_STALL_SECONDS
         status_line = ""
         while True:
-            if self.store.writer_healthy(WRITER_STALL_SECONDS):
+            if self.store.writer_healthy(stall):
                 self.notifier.watchdog()
             else:
                 log.error("the database writer makes no progress; not petting the watchdog")

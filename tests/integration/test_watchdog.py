@@ -1,0 +1,67 @@
+"""The systemd watchdog only hears from a healthy agent: a stuck database writer stops the pings.
+
+The queue lives on a small ext4 filesystem that the test freezes (`fsfreeze`), which makes
+every write and fsync block exactly as a hung storage device would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.daemon import AgentProcess
+
+WATCHDOG_USEC = "2000000"  # ping every 1 s; the writer counts as stuck after 1 s
+
+
+@pytest.fixture
+def frozen_fs(tmp_path: Path) -> Iterator[Path]:
+    image = tmp_path / "fs.img"
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", str(mount)], check=False, capture_output=True)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def pings_within(agent: AgentProcess, seconds: float) -> int:
+    agent.notifications.clear()
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        agent._drain_notifications(min(remaining, 0.2))
+    return sum(1 for n in agent.notifications if n == "WATCHDOG=1")
+
+
+def test_stuck_writer_stops_the_watchdog_and_recovery_resumes_it(
+    make_agent: Any, frozen_fs: Path
+) -> None:
+    agent: AgentProcess = make_agent({"queue": {"path": str(frozen_fs / "queue.db")}})
+    agent.start(env={"WATCHDOG_USEC": WATCHDOG_USEC})
+    assert pings_within(agent, 3.0) >= 2
+
+    subprocess.run(["fsfreeze", "--freeze", str(frozen_fs)], check=True)
+    replies: list[dict[str, Any]] = []
+    blocked = threading.Thread(
+        target=lambda: replies.append(agent.request({"command": "track_event", "name": "x"}))
+    )
+    try:
+        blocked.start()
+        assert pings_within(agent, 1.5) <= 2  # the last pings before the stall counts
+        assert pings_within(agent, 3.0) == 0, "the watchdog was fed while the writer was stuck"
+        assert not replies, "a command was acknowledged while its commit could not happen"
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", str(frozen_fs)], check=True)
+    blocked.join(30)
+    assert replies and replies[0]["ok"], replies
+    assert pings_within(agent, 3.0) >= 2
