@@ -8,6 +8,7 @@ flush bounded by a few seconds → close the store → exit 0.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import faulthandler
 import logging
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ log = logging.getLogger("engagement_agent.daemon")
 #: How long SIGTERM waits for in-flight commands, and for the last flush.
 SHUTDOWN_COMMAND_GRACE = 3.0
 SHUTDOWN_FLUSH_SECONDS = 3.0
+#: `flush --wait` and queue maintenance requests allowed to wait for a worker at once.
+MAX_WAITING_QUERIES = 8
 #: Without a systemd watchdog: how long work may wait on the writer before we call it stuck.
 WRITER_STALL_SECONDS = 20.0
 DEVICE_UUID_META = "device_uuid"
@@ -52,7 +55,13 @@ class Daemon:
         self.store = Store(config.queue)
         self.started_monotonic = time.monotonic()
         self._stop = asyncio.Event()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # app -> (token, handle): the token tells a fired timer whether it is still current.
+        self._timers: dict[str, tuple[object, asyncio.TimerHandle]] = {}
+        # Blocking work off the event loop, in pools that cannot starve each other: flush
+        # --wait may take minutes and must never delay a reload or the shutdown.
+        self._queries = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="query")
+        self._queries_waiting = 0
+        self._control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="control")
         self._in_flight = 0
         # `engagement-agent reload` (ExecReload=) waits for `generation` to move on.
         self.config_generation = 1
@@ -166,32 +175,38 @@ class Daemon:
         deadline = time.monotonic() + SHUTDOWN_COMMAND_GRACE
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for handle in self._timers.values():
-            handle.cancel()
+        self._cancel_timers()
         if self.mqtt is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.mqtt.stop(), 3.0)
         await self.server.close()
-        await self._loop.run_in_executor(None, self.syncer.stop, SHUTDOWN_FLUSH_SECONDS)
+        self._queries.shutdown(wait=False, cancel_futures=True)
+        await self._loop.run_in_executor(self._control, self.syncer.stop, SHUTDOWN_FLUSH_SECONDS)
+        self._control.shutdown(wait=False)
         log.info("stopped")
 
     async def reload(self) -> None:
         self.notifier.reloading()
         try:
-            config = await self._loop.run_in_executor(None, load_config, self.config_path)
+            config = await self._loop.run_in_executor(self._control, load_config, self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.reload_error = str(exc)
             self.config_generation += 1
             self.notifier.ready()
             return
-        for what, old, new in (
-            ("queue.path", self.config.queue.path, config.queue.path),
-            ("socket.path", self.config.socket.path, config.socket.path),
-            ("queue.durability", self.config.queue.durability, config.queue.durability),
-        ):
-            if old != new:
-                log.warning("%s changed; it takes effect after a restart", what)
+        needs_restart = [
+            f"{section}.{key}"
+            for section in ("queue", "socket")
+            for key in type(getattr(config, section)).model_fields
+            if getattr(getattr(self.config, section), key) != getattr(getattr(config, section), key)
+        ]
+        if needs_restart:
+            log.warning(
+                "%s changed; this takes effect after a restart "
+                "(systemctl restart engagement-agent)",
+                ", ".join(needs_restart),
+            )
         set_level(config.log_level)
         self.config = config
         self.engine.reload(config)
@@ -201,6 +216,10 @@ class Daemon:
             self.mqtt.reload(config)
         elif config.mqtt.enabled:
             self._start_mqtt()
+        # Session timeouts may have changed: re-arm every pending timer with the new settings.
+        self._cancel_timers()
+        for app, delay, background_at in self.engine.pending_timers(time.time()):
+            self._arm_timer(app, delay, background_at)
         log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
         self.reload_error = None
         self.config_loaded_at = time.time()
@@ -250,37 +269,63 @@ class Daemon:
             outcome = await asyncio.wrap_future(self.engine.track(app, command, time.time()))
             return {"app": app, **(outcome.result or {})}
         if isinstance(command, Flush):
-            return await self._loop.run_in_executor(None, self.syncer.flush, command.wait)
-        return await self._loop.run_in_executor(None, run_admin, self.store, command)
+            return await self._run_query(self.syncer.flush, command.wait)
+        return await self._run_query(run_admin, self.store, command)
+
+    async def _run_query(
+        self, fn: Callable[..., Mapping[str, Any]], *args: Any
+    ) -> Mapping[str, Any]:
+        """Blocking queries run in a small pool; past a few waiting, callers are told to retry
+        rather than pile up threads (a flood of `flush --wait` would otherwise do that)."""
+        if self._queries_waiting >= MAX_WAITING_QUERIES:
+            raise Unavailable("too many flush/queue requests in progress; try again shortly")
+        self._queries_waiting += 1
+        try:
+            return await self._loop.run_in_executor(self._queries, fn, *args)
+        finally:
+            self._queries_waiting -= 1
 
     def _after_outcome(self, app: str, outcome: Outcome) -> None:
         state = outcome.state
         if state.session != "background":
-            handle = self._timers.pop(app, None)
-            if handle is not None:
-                handle.cancel()
+            entry = self._timers.pop(app, None)
+            if entry is not None:
+                entry[1].cancel()
         if outcome.timer is not None and state.background_at is not None:
             self._arm_timer(app, outcome.timer, state.background_at)
         if self.mqtt is not None:
             self.mqtt.status_changed()
 
     def _arm_timer(self, app: str, delay: float, background_at: float) -> None:
-        handle = self._timers.pop(app, None)
-        if handle is not None:
-            handle.cancel()
-        self._timers[app] = self._loop.call_later(
-            max(0.0, delay), lambda: asyncio.ensure_future(self._expire(app, background_at))
+        entry = self._timers.pop(app, None)
+        if entry is not None:
+            entry[1].cancel()
+        token = object()
+        handle = self._loop.call_later(
+            max(0.0, delay),
+            lambda: asyncio.ensure_future(self._expire(app, background_at, token)),
         )
+        self._timers[app] = (token, handle)
 
-    async def _expire(self, app: str, background_at: float) -> None:
-        self._timers.pop(app, None)
+    def _cancel_timers(self) -> None:
+        for _token, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    async def _expire(self, app: str, background_at: float, token: object) -> None:
+        entry = self._timers.get(app)
+        if entry is not None and entry[0] is token:
+            del self._timers[app]
         try:
             outcome = await asyncio.wrap_future(
                 self.engine.expire_session(app, background_at, time.time())
             )
-        except Exception as exc:  # disk full: try again shortly rather than lose the end
+        except Unavailable as exc:  # disk full: try again shortly rather than lose the end
             log.warning("could not record the session end for app %s: %s; retrying", app, exc)
             self._arm_timer(app, 5.0, background_at)
+            return
+        except Exception as exc:  # e.g. the app was removed from the config meanwhile
+            log.error("gave up recording the session end for app %s: %s", app, exc)
             return
         self._after_outcome(app, outcome)
 

@@ -34,10 +34,11 @@ class Engine:
         new_uuid: Callable[[], str] = _new_uuid,
     ) -> None:
         self._store = store
-        self._config = config
         self._device = device
         self._new_uuid = new_uuid
-        self._settings: dict[str, AppSettings] = {}
+        # The config and the settings derived from it travel together: a reload swaps both in
+        # one assignment, so the writer can never cache old settings under a new config.
+        self._settings: tuple[AgentConfig, dict[str, AppSettings]] = (config, {})
         self._states: dict[str, AppState] = {}
         # States produced by ops of the transaction in progress, not yet committed.
         self._pending: dict[str, AppState] = {}
@@ -47,10 +48,9 @@ class Engine:
         self._states = self._store.load_app_states()
 
     def reload(self, config: AgentConfig) -> None:
-        # Swapping references is atomic; the writer thread picks the new config up with its
+        # Swapping the reference is atomic; the writer thread picks the new config up with its
         # next op, and settings are re-derived lazily from it.
-        self._config = config
-        self._settings = {}
+        self._settings = (config, {})
 
     def states(self) -> dict[str, AppState]:
         """Committed states (a snapshot copy, safe to read from any thread)."""
@@ -95,11 +95,12 @@ class Engine:
         return timers
 
     def _settings_for(self, app: str) -> AppSettings | None:
-        settings = self._settings.get(app)
+        config, cache = self._settings
+        settings = cache.get(app)
         if settings is None:
-            settings = self._config.app_settings(app)
+            settings = config.app_settings(app)
             if settings is not None:
-                self._settings[app] = settings
+                cache[app] = settings
         return settings
 
     def _apply(

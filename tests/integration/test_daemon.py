@@ -128,3 +128,56 @@ def test_environment_overrides_reach_the_running_agent(make_agent: Any) -> None:
     agent: AgentProcess = make_agent({"device_id": "from-file"})
     agent.start(env={"ENGAGEMENT_AGENT_DEVICE_ID": "from-env"})
     assert agent.status()["device_id"] == "from-env"
+
+
+def test_reload_rearms_session_timers_with_the_new_timeout(
+    make_agent: Any, api_stub: ApiStub
+) -> None:
+    agent: AgentProcess = make_agent(
+        {
+            "project": {
+                "project_token": "proj-a",
+                "authorization_token": "key-a",
+                "base_url": api_stub.url,
+            },
+            "apps": {"defaults": {"session_timeout": 300.0}},
+        }
+    )
+    agent.start()
+    assert agent.request({"command": "app_foreground"})["ok"]
+    assert agent.request({"command": "app_background"})["ok"]
+    agent.reload({"apps": {"defaults": {"session_timeout": 1.0}}})
+    wait_for(
+        lambda: any(r.data.get("event_type") == "session_end" for r in api_stub.received()),
+        15,
+        "session_end after the timeout was shortened",
+    )
+
+
+def test_waiting_flushes_cannot_block_reload_or_shutdown(
+    make_agent: Any, api_stub: ApiStub
+) -> None:
+    agent: AgentProcess = make_agent(
+        {
+            "project": {
+                "project_token": "proj-a",
+                "authorization_token": "key-a",
+                "base_url": api_stub.url,
+            },
+            "sync": {"flush_mode": "manual", "timeout": 60.0},
+        }
+    )
+    agent.start()
+    assert agent.request({"command": "track_event", "name": "x"})["ok"]
+    api_stub.hang_next(None, 60.0)  # the API accepts connections and never answers
+    try:
+        with agent.client() as client:
+            for _ in range(16):
+                client.send_line(b'{"command": "flush", "wait": true}')
+            result = cli(
+                "reload", "--config", str(agent.config_path), "--socket", str(agent.socket_path)
+            )
+            assert result.returncode == 0, result.stderr
+            assert agent.terminate(timeout=20) == 0
+    finally:
+        api_stub.release_hangs()

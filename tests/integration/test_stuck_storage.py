@@ -1,4 +1,5 @@
-"""The systemd watchdog only hears from a healthy agent: a stuck database writer stops the pings.
+"""A stuck disk: the watchdog stops hearing from the agent, and clients cannot make it buffer
+without bound while nothing can be committed.
 
 The queue lives on a small ext4 filesystem that the test freezes (`fsfreeze`), which makes
 every write and fsync block exactly as a hung storage device would.
@@ -6,6 +7,9 @@ every write and fsync block exactly as a hung storage device would.
 
 from __future__ import annotations
 
+import json
+import select
+import socket
 import subprocess
 import threading
 import time
@@ -15,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from agent.ipc import MAX_PENDING_BYTES
 from tests.fixtures.daemon import AgentProcess
 
 WATCHDOG_USEC = "2000000"  # ping every 1 s; the writer counts as stuck after 1 s
@@ -25,7 +30,7 @@ def frozen_fs(tmp_path: Path) -> Iterator[Path]:
     image = tmp_path / "fs.img"
     mount = tmp_path / "mnt"
     mount.mkdir()
-    subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
     try:
@@ -65,3 +70,48 @@ def test_stuck_writer_stops_the_watchdog_and_recovery_resumes_it(
     blocked.join(30)
     assert replies and replies[0]["ok"], replies
     assert pings_within(agent, 3.0) >= 2
+
+
+def test_clients_cannot_pile_up_unbounded_requests_while_commits_hang(
+    make_agent: Any, frozen_fs: Path
+) -> None:
+    agent: AgentProcess = make_agent({"queue": {"path": str(frozen_fs / "queue.db")}})
+    agent.start()
+    line = (
+        json.dumps({"command": "track_event", "name": "big", "properties": {"p": "x" * 60_000}})
+        + "\n"
+    ).encode()
+    clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+    accepted = 0
+    subprocess.run(["fsfreeze", "--freeze", str(frozen_fs)], check=True)
+    try:
+        for client in clients:
+            client.connect(str(agent.socket_path))
+            client.setblocking(False)
+        # Each client tries to push 50 MiB; the agent stops reading once 32 MiB are in flight,
+        # so after a while no client can write any more (nothing writable for 2 s).
+        budget = {client: 50 * 1024 * 1024 for client in clients}
+        while budget:
+            _, writable, _ = select.select([], list(budget), [], 2.0)
+            if not writable:
+                break
+            for client in writable:
+                try:
+                    sent = client.send(line)
+                except BlockingIOError:
+                    continue
+                accepted += sent
+                budget[client] -= sent
+                if budget[client] <= 0:
+                    del budget[client]
+        assert budget, "every client could write 50 MiB to an agent that cannot commit"
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", str(frozen_fs)], check=True)
+    slack = len(clients) * (2 * 1024 * 1024)  # kernel socket buffers and one read each
+    assert accepted < MAX_PENDING_BYTES + slack, f"the agent took {accepted} bytes while stuck"
+    assert accepted > MAX_PENDING_BYTES // 2
+    for client in clients:
+        client.close()
+    # The agent is still healthy and serves after the disk returns.
+    reply = agent.request({"command": "track_event", "name": "after"})
+    assert reply["ok"], reply
