@@ -120,7 +120,11 @@ class Notifier:
     @staticmethod
     def _connect() -> Any:
         # debug=True: raise instead of swallowing, so notify() can log why.
-        return sdnotify.SystemdNotifier(debug=True)
+        notifier = sdnotify.SystemdNotifier(debug=True)
+        # The kernel queues only a few unread datagrams; when the reader falls behind, a
+        # blocking send would freeze the event loop. A notification is dropped instead.
+        notifier.socket.setblocking(False)
+        return notifier
 
     def _close(self) -> None:
         sock = getattr(self._notifier, "socket", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +105,28 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     monkeypatch.setenv("WATCHDOG_PID", pid)
     assert Notifier().watchdog_interval() == 0.5
+
+
+def test_a_reader_that_falls_behind_never_blocks_the_sender(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel queues ~10 unread datagrams; the 11th send must be dropped, not block."""
+    address = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(address))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(address))
+    notifier = Notifier()
+    done = threading.Event()
+
+    def flood() -> None:
+        for _ in range(200):
+            notifier.watchdog()
+        done.set()
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    try:
+        assert done.wait(30), "notify() blocked on a full notification socket"
+        assert receiver.recv(4096) == b"WATCHDOG=1"
+    finally:
+        receiver.close()
