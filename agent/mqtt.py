@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -44,6 +45,7 @@ from agent.commands import is_valid_app_name, parse_json, request_id_of
 from agent.config import AgentConfig, MqttConfig
 from agent.errors import PERMANENT_CODES, AgentError, InvalidCommand
 from agent.intake import Intake, Origin, Reply
+from agent.logs import RateLimitedLog
 
 log = logging.getLogger("engagement_agent.mqtt")
 paho_log = logging.getLogger("engagement_agent.mqtt.paho")
@@ -60,6 +62,34 @@ STABLE_CONNECTION = 30.0
 #: `publish()` refuses instead of growing without bound.
 MAX_QUEUED_OUTGOING = 1000
 MAX_INFLIGHT_OUTGOING = 100
+#: Payload bytes of received, unfinished commands beyond which QoS 0 commands are dropped
+#: (`limits.max_command_bytes` if that is larger, so one command always fits). The count
+#: bound is `mqtt.receive_maximum`. Without it, a QoS 0 flood faster than the backend grew
+#: memory without limit: QoS 0 has no flow control at all.
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+
+
+def _change_key(status: Mapping[str, Any]) -> str:
+    """What must differ for status to count as changed (SPEC §11): everything but the values
+    that move with the clock alone — `uptime` and `queue.oldest_age` — or an agent with a
+    backlog would republish its retained status every 10 s forever. Other floats (times such
+    as `next_attempt`, derived from the monotonic clock on each call) are compared to the
+    second, so clock-reading noise is not a change either. Both are still published."""
+    relevant = {k: v for k, v in status.items() if k != "uptime"}
+    queue = relevant.get("queue")
+    if isinstance(queue, Mapping):
+        relevant["queue"] = {k: v for k, v in queue.items() if k != "oldest_age"}
+    return json.dumps(_coarse(relevant), sort_keys=True, default=str)
+
+
+def _coarse(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value)
+    if isinstance(value, Mapping):
+        return {k: _coarse(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_coarse(v) for v in value]
+    return value
 
 
 class _LogLimiter:
@@ -145,6 +175,11 @@ class _PahoClient(paho.Client):
     `on_thread_exit` is called (on the network thread) whenever the thread ends, for whatever
     reason: it is the single place from which reconnects are driven. `_thread_main` is private
     paho API; paho is pinned to 2.x in pyproject.toml.
+
+    Unlike paho's, this thread body never clears `_thread`: paho's `loop_stop()` on another
+    thread checks `_thread is None` and then calls `_thread.join()`, so clearing it in between
+    made `loop_stop()` raise AttributeError. The ended thread is forgotten by `loop_start()`
+    instead, on the loop thread, which is the only caller of both.
     """
 
     def __init__(
@@ -165,11 +200,24 @@ class _PahoClient(paho.Client):
         except Exception as exc:  # a failed connect raises here; it must not kill silently
             error = exc
         finally:
-            self._thread = None
             try:
                 self._on_thread_exit(error)
             except Exception:
                 log.exception("MQTT: error in the network thread's exit hook")
+
+    def loop_start(self) -> MQTTErrorCode:
+        """Start a network thread, first forgetting the previous one once it has ended.
+
+        Only called after the previous thread reported its end (`on_thread_exit` is its last
+        step), so the join waits at most for that thread to return from the hook.
+        """
+        previous = self._thread
+        if previous is not None and previous is not threading.current_thread():
+            previous.join(1.0)
+            if previous.is_alive():
+                return MQTTErrorCode.MQTT_ERR_INVAL  # the caller schedules another attempt
+            self._thread = None
+        return super().loop_start()
 
 
 @dataclass
@@ -205,6 +253,19 @@ class _Inbound:
     payload: bytes
     response_topic: str | None = None
     correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PendingCommands:
+    """Commands received over MQTT and not finished yet (queued for the loop, being handled or
+    waiting for a retry), with the high-water marks since start and the QoS 0 commands dropped
+    because the cap was reached."""
+
+    count: int
+    bytes: int
+    peak_count: int
+    peak_bytes: int
+    qos0_dropped: int
 
 
 @dataclass
@@ -264,6 +325,14 @@ class MqttAdapter:
         self._inbox: deque[_Inbound] = deque()
         self._inbox_lock = threading.Lock()
         self._inbox_scheduled = False
+        # Every command from `_receive` until its handling ends, guarded by `_inbox_lock`:
+        # what the QoS 0 cap is checked against (see `MAX_PENDING_BYTES`).
+        self._pending_count = 0
+        self._pending_bytes = 0
+        self._peak_count = 0
+        self._peak_bytes = 0
+        self._qos0_dropped = 0
+        self._drop_log = RateLimitedLog(log)
         self._status_state = _Status()
         self._status_hint_pending = False
 
@@ -273,6 +342,26 @@ class MqttAdapter:
     def connected(self) -> bool:
         link = self._link
         return link is not None and link.connected
+
+    @property
+    def pending_commands(self) -> PendingCommands:
+        """How many commands (and payload bytes) the adapter holds right now; thread-safe."""
+        with self._inbox_lock:
+            return PendingCommands(
+                self._pending_count,
+                self._pending_bytes,
+                self._peak_count,
+                self._peak_bytes,
+                self._qos0_dropped,
+            )
+
+    @property
+    def pending_limits(self) -> tuple[int, int]:
+        """The (count, bytes) beyond which QoS 0 commands are dropped."""
+        return (
+            self._config.mqtt.receive_maximum,
+            max(MAX_PENDING_BYTES, self._config.limits.max_command_bytes),
+        )
 
     def start(self) -> None:
         """Begin connecting in the background; a broker that is down never raises or blocks."""
@@ -297,9 +386,12 @@ class MqttAdapter:
             await asyncio.wait({relink}, timeout=self._drain_timeout + 10.0)
         link, self._link = self._link, None
         with self._inbox_lock:
+            for inbound in self._inbox:
+                self._pending_count -= 1
+                self._pending_bytes -= len(inbound.payload)
             self._inbox.clear()
         if link is not None:
-            await self._close_link(link)
+            await self._close_link_safely(link)
         self._started = False
 
     def reload(self, config: AgentConfig) -> None:
@@ -460,7 +552,19 @@ class MqttAdapter:
             await asyncio.wait_for(asyncio.to_thread(client.loop_stop), 5.0)
         except (TimeoutError, asyncio.TimeoutError):
             log.warning("MQTT: the network thread did not stop within 5 s; leaving it")
+        except Exception:  # a paho bug here must not stop the reconnect that follows
+            log.exception("MQTT: stopping the network thread failed; leaving it")
         link.connected = False
+
+    async def _close_link_safely(self, link: _Link) -> None:
+        """`_close_link` for callers that must go on whatever happens (reload, stop): an
+        exception escaping it would end the relink task and leave MQTT down for good."""
+        try:
+            await self._close_link(link)
+        except Exception:
+            link.closing = True
+            link.connected = False
+            log.exception("MQTT: closing the connection failed; going on")
 
     async def _relink(self, before: asyncio.Task[None] | None) -> None:
         if before is not None and not before.done():
@@ -468,7 +572,7 @@ class MqttAdapter:
         old, self._link = self._link, None
         stale: tuple[str, ...] = ()
         if old is not None:
-            await self._close_link(old)
+            await self._close_link_safely(old)
             new_topics = _Topics(self._config.mqtt.topic_prefix, self._config.device_id)
             same_session = old.client_id == client_id_for(self._config) and (
                 old.config.host,
@@ -621,11 +725,41 @@ class MqttAdapter:
                 ),
             )
             return
+        size = len(inbound.payload)
+        max_count, max_bytes = self.pending_limits
         with self._inbox_lock:
-            self._inbox.append(inbound)
-            if self._inbox_scheduled:
-                return
-            self._inbox_scheduled = True
+            count, held = self._pending_count, self._pending_bytes
+            # QoS 1 is never dropped here: the broker bounds it (Receive Maximum on MQTT 5,
+            # its in-flight limit on 3.1.1, as we ack only after the commit). QoS 0 has no
+            # flow control, and dropping it is within its at-most-once contract.
+            drop = inbound.qos == 0 and (count >= max_count or held + size > max_bytes)
+            if drop:
+                self._qos0_dropped += 1
+                dropped = self._qos0_dropped
+            else:
+                self._pending_count = count + 1
+                self._pending_bytes = held + size
+                self._peak_count = max(self._peak_count, self._pending_count)
+                self._peak_bytes = max(self._peak_bytes, self._pending_bytes)
+                self._inbox.append(inbound)
+                schedule = not self._inbox_scheduled
+                self._inbox_scheduled = True
+        if drop:
+            self._drop_log.warning(
+                "qos0-dropped",
+                "MQTT: dropped a QoS 0 command for app %s: %d commands (%d bytes) are already "
+                "waiting (limits %d commands, %d bytes); %d QoS 0 commands dropped since start. "
+                "Publish at QoS 1 to get flow control instead",
+                app,
+                count,
+                held,
+                max_count,
+                max_bytes,
+                dropped,
+            )
+            return
+        if not schedule:
+            return
         try:
             self._loop.call_soon_threadsafe(self._drain_inbox)
         except RuntimeError:
@@ -652,14 +786,21 @@ class MqttAdapter:
             batch = list(self._inbox)
             self._inbox.clear()
             self._inbox_scheduled = False
-        for inbound in batch:
+        for index, inbound in enumerate(batch):
             if self._stopping or inbound.link.closing:
+                self._release(batch[index:])
                 return  # unacked: redelivered to the next connection
             task = self._loop.create_task(self._process(inbound))
             self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            task.add_done_callback(functools.partial(self._task_done, inbound))
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _release(self, done: list[_Inbound]) -> None:
+        with self._inbox_lock:
+            self._pending_count -= len(done)
+            self._pending_bytes -= sum(len(inbound.payload) for inbound in done)
+
+    def _task_done(self, inbound: _Inbound, task: asyncio.Task[None]) -> None:
+        self._release([inbound])
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("MQTT: command handling failed (left unacked)", exc_info=task.exception())
@@ -824,9 +965,7 @@ class MqttAdapter:
             return
         status["online"] = True
         state = self._status_state
-        key = json.dumps(
-            {k: v for k, v in status.items() if k != "uptime"}, sort_keys=True, default=str
-        )
+        key = _change_key(status)
         if force or key != state.key:
             payload = json.dumps(status, separators=(",", ":"), default=str).encode()
             self._publish(link, link.topics.status, payload, retain=True)

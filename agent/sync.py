@@ -8,7 +8,9 @@ Promises kept here, and where:
 - Nothing queued is dropped by a network, server or credentials problem: the batch stays in
   the store until the API has answered it per command (`_Worker._drain`).
 - Deletions and dead letters go through `Store.submit`, so they join the writer's group commit;
-  up to `MAX_ACKS_IN_FLIGHT` of them overlap the next HTTP request.
+  up to `MAX_ACKS_IN_FLIGHT` of them overlap the next HTTP request. If the store cannot record
+  an answer (disk full), the drain stops and backs off like a failed request: sending the same
+  items again at once would only duplicate them at the API (`_Worker._store_failed`).
 - Every wait is an `Event`/`Condition` wait with a timeout on `time.monotonic()`; an idle
   worker sleeps until notified, a failing one until its retry time.
 - Tokens and payloads never reach the logs: projects are named by host and a token prefix.
@@ -42,6 +44,7 @@ from urllib3.util import Timeout, parse_url
 
 from agent import __version__, wire
 from agent.config import AgentConfig
+from agent.logs import RateLimitedLog
 from agent.store import ProjectRow, QueuedItem, Store, Txn
 from agent.tracker.model import Project
 
@@ -153,6 +156,10 @@ class _Stopped(Exception):
     """The worker was aborted (stop deadline) in the middle of a cycle."""
 
 
+def _first(a: BaseException | None, b: BaseException | None) -> BaseException | None:
+    return a if a is not None else b
+
+
 def _commit_op(acks: list[int], dead: list[tuple[int, str]], now: float) -> Callable[[Txn], int]:
     def op(txn: Txn) -> int:
         done = txn.ack(acks) if acks else 0
@@ -187,6 +194,11 @@ class _Worker:
         self.pending = True
         self.failures = 0
         self.last_logged = -LOG_INTERVAL
+        # Consecutive drains whose answers the store could not record. Kept apart from
+        # `failures` because the API succeeded: `_on_success` must neither reset this backoff
+        # nor log a "recovered" line on every attempt.
+        self.store_failures = 0
+        self.store_log = RateLimitedLog(log, LOG_INTERVAL)
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.sent = 0
@@ -235,7 +247,7 @@ class _Worker:
         with self.cond:
             if self.paused:
                 state = "paused"
-            elif self.retry_at is not None or self.failures:
+            elif self.retry_at is not None or self.failures or self.store_failures:
                 state = "backoff"
             elif self.pending:
                 state = "ok"
@@ -396,6 +408,7 @@ class _Worker:
             collections.deque()
         )
         after_id = 0
+        store_error: BaseException | None = None
         try:
             while True:
                 with self.cond:
@@ -417,7 +430,9 @@ class _Worker:
                         break
                     # Reading past the last id sent keeps the pipeline full, but ids may be
                     # reused once the table drained: settle the commits and look again from 0.
-                    self._settle(in_flight, 0)
+                    store_error = self._settle(in_flight, 0)
+                    if store_error is not None:
+                        break
                     after_id = 0
                     continue
                 with self.cond:
@@ -432,16 +447,22 @@ class _Worker:
                     for request in active:
                         request.processed += processed
                     active = [r for r in active if r.processed < r.budget]
-                    self._settle(in_flight, MAX_ACKS_IN_FLIGHT)
+                    store_error = self._settle(in_flight, MAX_ACKS_IN_FLIGHT)
                 if exchange.failure is not None:
-                    self._settle(in_flight, 0)
+                    store_error = _first(store_error, self._settle(in_flight, 0))
                     with self.cond:
                         self._schedule_retry(exchange.failure)
                     break
+                if store_error is not None:
+                    break
                 after_id = items[-1].id
+            # Commits still pending may fail too; their items must not count as sent.
+            store_error = _first(store_error, self._settle(in_flight, 0))
+            if store_error is not None:
+                self._store_failed(store_error)
         finally:
             try:
-                self._settle(in_flight, 0)
+                self._settle(in_flight, 0)  # only after an exception; it is handled upstream
             finally:
                 for request in adopted:
                     request.done.set()
@@ -450,24 +471,69 @@ class _Worker:
         self,
         in_flight: collections.deque[tuple[Future[int], int, list[_FlushRequest]]],
         keep: int,
-    ) -> None:
+    ) -> BaseException | None:
         """Wait for store commits until at most `keep` are pending; count what they made
-        final. A failed commit (disk full) means the items stay queued and are sent again."""
+        final. Returns the first commit failure (disk full, a closed store), if any: those
+        items stay queued, and the caller must stop and back off instead of reading them
+        again at once, which would resend them at the pacing limit for as long as the
+        condition lasts."""
+        failure: BaseException | None = None
         while len(in_flight) > keep:
             future, accepted, requests = in_flight.popleft()
             try:
                 future.result()
             except Exception as exc:
-                with self.cond:
-                    self.last_error = f"cannot record the API's answer in the queue: {exc}"
-                log.error("sync for %s: storing the API's answer failed: %s", self.label, exc)
+                failure = _first(failure, exc)
                 accepted = 0
+            else:
+                self._store_recovered()
             with self.cond:
                 self.sent += accepted
             for request in requests:
                 request.flushed += accepted
                 if request.processed >= request.budget:
                     request.done.set()
+        return failure
+
+    def _store_failed(self, error: BaseException) -> None:
+        """The API answered but the store could not record it: back off (full jitter, as for
+        a failed request) so the items are not resent in a tight loop. Logged once per
+        `LOG_INTERVAL` with a count of repeats; the status says "backoff" until a commit
+        succeeds again."""
+        sync = self.syncer._config.sync
+        reason = f"cannot record the API's answer: {error}"
+        with self.cond:
+            now = time.monotonic()
+            delay = wire.backoff_delay(
+                self.store_failures, sync.max_backoff, self.syncer._uniform(), BACKOFF_BASE
+            )
+            self.store_failures += 1
+            self.last_error = reason
+            if sync.flush_mode != "manual":
+                # An API failure scheduled in the same drain (e.g. Retry-After) may be later.
+                self.retry_at = max(self.retry_at or 0.0, now + delay)
+            attempts = self.store_failures
+        self.store_log.error(
+            "store",
+            "sync for %s: %s; the items stay queued and are sent again in %.1f s "
+            "(%d attempt(s) in a row)",
+            self.label,
+            reason,
+            delay,
+            attempts,
+        )
+
+    def _store_recovered(self) -> None:
+        with self.cond:
+            if not self.store_failures:
+                return
+            attempts, self.store_failures = self.store_failures, 0
+        self.store_log.resolved(
+            "store",
+            "sync for %s: the API's answers are recorded again after %d failed attempt(s)",
+            self.label,
+            attempts,
+        )
 
     def _exchange(
         self,

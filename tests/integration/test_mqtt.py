@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from paho.mqtt.properties import Properties
 from agent.config import AgentConfig, MqttConfig
 from agent.errors import Unavailable
 from agent.intake import Intake
-from agent.mqtt import MqttAdapter
+from agent.mqtt import MAX_PENDING_BYTES, MqttAdapter, _PahoClient
 from tests.fixtures.daemon import wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 
@@ -446,6 +448,41 @@ def test_status_is_retained_on_connect_changes_and_goes_offline_on_stop(
     run(scenario)
 
 
+def test_status_is_not_republished_for_values_that_move_with_the_clock(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """`uptime` and `queue.oldest_age` change on every call, and times computed from the
+    monotonic clock (`next_attempt`) wobble in their last digits: none of it is a change, or
+    an agent with a backlog would republish its retained status every 10 s forever."""
+
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        harness.status["queue"] = {"items": 3, "oldest_age": 1.0}
+        harness.status["sync"] = {"projects": [{"next_attempt": 1795950159.010444}]}
+        watcher = AppClient(mosquitto.port)
+        watcher.subscribe(STATUS)
+        adapter = await harness.start(FakeBackend(), status_min_interval=0.0)
+        await until(lambda: watcher.messages(STATUS), "the status on connect")
+        for step in range(1, 6):
+            harness.status["uptime"] = float(step)
+            harness.status["queue"] = {"items": 3, "oldest_age": 1.0 + step}
+            harness.status["sync"] = {"projects": [{"next_attempt": 1795950159.0104437}]}
+            adapter.status_changed()
+            await asyncio.sleep(0.02)
+        # A real change: it is published, and everything above would have arrived before it.
+        harness.status["queue"] = {"items": 4, "oldest_age": 9.0}
+        adapter.status_changed()
+        await until(lambda: len(watcher.messages(STATUS)) >= 2, "the changed status")
+        await asyncio.sleep(0.1)
+        statuses = watcher.payloads(STATUS)
+        assert len(statuses) == 2
+        assert statuses[1]["queue"] == {"items": 4, "oldest_age": 9.0}  # still published
+        await adapter.stop()
+        watcher.close()
+
+    run(scenario)
+
+
 AGENT_PROCESS = """
 import asyncio, sys
 from agent.config import AgentConfig, MqttConfig
@@ -667,5 +704,138 @@ def test_invalid_settings_never_raise_from_start(tmp_path: Path) -> None:
         await asyncio.sleep(0.2)
         assert not adapter.connected
         await asyncio.wait_for(adapter.stop(), 10)
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------- flow control
+
+
+@pytest.mark.parametrize(
+    ("receive_maximum", "size", "flood"),
+    [(20, 200, 100), (1000, 60_000, 400)],
+    ids=["count-cap", "byte-cap"],
+)
+def test_qos0_flood_is_capped_and_qos1_still_all_processed(
+    mosquitto: MosquittoBroker,
+    caplog: pytest.LogCaptureFixture,
+    receive_maximum: int,
+    size: int,
+    flood: int,
+) -> None:
+    """QoS 0 has no flow control: a flood faster than the backend used to pile up in memory
+    (1.5 GB for 60 KiB commands). Beyond `receive_maximum` commands or the byte cap the
+    adapter drops QoS 0 (at most once by definition); QoS 1 is never dropped."""
+    caplog.set_level(logging.WARNING, logger="engagement_agent.mqtt")
+
+    async def scenario() -> None:
+        harness = Harness(mosquitto, receive_maximum=receive_maximum)
+        backend = FakeBackend()
+        backend.gate = asyncio.Event()  # a backend slower than any flood
+        adapter = await harness.start(backend)
+        max_count, max_bytes = adapter.pending_limits
+        assert (max_count, max_bytes) == (receive_maximum, MAX_PENDING_BYTES)
+        app = AppClient(mosquitto.port)
+        blob = "x" * size
+        for i in range(flood):
+            app.client.publish(CMD, json.dumps(track(f"q0-{i}", properties={"b": blob})), qos=0)
+
+        def seen() -> int:
+            pending = adapter.pending_commands
+            return pending.count + pending.qos0_dropped
+
+        await until(lambda: seen() == flood, "the whole flood to reach the adapter")
+        pending = adapter.pending_commands
+        assert pending.qos0_dropped > 0
+        assert pending.peak_count <= max_count
+        assert pending.peak_bytes <= max_bytes
+        drops = [r for r in caplog.records if "dropped a QoS 0 command" in r.getMessage()]
+        assert len(drops) == 1  # rate-limited; the line counts the drops
+
+        # QoS 1 while the cap is full: not dropped, all processed once the backend catches up.
+        infos = [app.publish(CMD, track(f"q1-{i}")) for i in range(30)]
+        await until(lambda: backend.waiting > pending.count, "a QoS 1 command being handled")
+        backend.gate.set()
+        expected = {f"q1-{i}" for i in range(30)}
+        await until(lambda: expected <= set(backend.names()), "every QoS 1 command")
+        await until(lambda: app.pubacks.issuperset(i.mid for i in infos), "their PUBACKs")
+        await until(lambda: adapter.pending_commands.count == 0, "nothing pending")
+        assert adapter.pending_commands.bytes == 0
+        assert len([n for n in backend.names() if n.startswith("q0-")]) == pending.count
+        await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------- network thread
+
+
+def test_loop_stop_never_races_the_ending_network_thread(mosquitto: MosquittoBroker) -> None:
+    """paho's `loop_stop()` checks `_thread` and then joins it; a thread that cleared
+    `_thread` as it ended made that join an AttributeError, which killed the relink task.
+    Our thread keeps `_thread`; `loop_start()` forgets an ended one, so reconnects work."""
+    rng = random.Random(3)
+    for i in range(40):
+        connected = threading.Event()
+        ended = threading.Event()
+        client = _PahoClient(
+            idle_timeout=15.0,
+            on_thread_exit=lambda error, ended=ended: ended.set(),
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"race-{i}",
+            reconnect_on_failure=False,
+        )
+        client.on_connect = lambda *args, connected=connected: connected.set()
+        client.connect_async("127.0.0.1", mosquitto.port, 60)
+        client.loop_start()
+        assert connected.wait(5)
+        client.disconnect()
+        time.sleep(rng.uniform(0, 0.002))
+        client.loop_stop()  # could raise AttributeError: None.join()
+        assert ended.wait(5)
+        assert client._thread is not None  # what made it possible is gone
+        if i == 0:  # the same client connects again, as the adapter's reconnect does
+            connected.clear()
+            ended.clear()
+            client.connect_async("127.0.0.1", mosquitto.port, 60)
+            assert client.loop_start() == 0
+            assert connected.wait(5)
+            client.disconnect()
+            client.loop_stop()
+            assert ended.wait(5)
+
+
+def test_reload_reconnects_even_if_stopping_the_old_thread_fails(
+    mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong closing the old connection, the relink goes on: MQTT must not be
+    left down until the next restart."""
+
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)
+        link = adapter._link
+        assert link is not None and link.client is not None
+
+        def broken_loop_stop() -> Any:
+            raise AttributeError("'NoneType' object has no attribute 'join'")
+
+        link.client.loop_stop = broken_loop_stop  # type: ignore[method-assign]
+        adapter.reload(
+            AgentConfig(
+                device_id=DEVICE,
+                mqtt=MqttConfig(host="127.0.0.1", port=mosquitto.port, topic_prefix="site/b"),
+            )
+        )
+        await until(lambda: adapter._link not in (None, link), "a new link")
+        await until(lambda: adapter.connected, "the new connection")
+        app = AppClient(mosquitto.port)
+        app.publish(f"site/b/{DEVICE}/kiosk/command", track("after-reload"))
+        await until(lambda: backend.names() == ["after-reload"], "a command on the new link")
+        assert "stopping the network thread failed" in caplog.text
+        await adapter.stop()
+        app.close()
 
     run(scenario)

@@ -19,7 +19,7 @@ import pytest
 
 from agent.apistub import ApiStub, Match
 from agent.config import AgentConfig
-from agent.store import Store
+from agent.store import Store, Txn
 from agent.sync import USER_AGENT, Syncer
 from agent.tracker.model import UNCONFIGURED_PROJECT, OutboundItem, Project
 from tests.fixtures.daemon import wait_for
@@ -372,3 +372,53 @@ def test_status_lists_configured_projects_and_is_idle_when_drained(harness: Harn
     harness.enqueue(harness.project(), [event(0)])
     eventually(lambda: project_state(syncer)["sent"] == 1, "sent")
     eventually(lambda: project_state(syncer)["state"] == "idle", "idle")
+
+
+def test_answers_the_store_cannot_record_back_off_instead_of_being_resent_at_once(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Disk full after the API answered: the items stay queued and are sent again, but after
+    a backoff (not in a tight loop that floods the API with duplicates and the journal with
+    a line per attempt), and status says why. A real SQLITE_FULL: the file is capped at its
+    current size, and refusals become dead letters carrying the API's long error text, which
+    need new pages (unlike plain deletions)."""
+    caplog.set_level(logging.INFO, logger="engagement_agent.sync")
+    stub = harness.stub
+    stub.fail_commands(Match(event_type="bad"), "refused: " + "x" * 1990)
+    config = harness.config(batch_size=50, max_backoff=2.0)
+    store = harness.open_store(config)
+    harness.enqueue(harness.project(), [event(i, "bad" if i % 5 else "test") for i in range(50)])
+
+    def cap_the_file(txn: Txn) -> None:
+        pages = txn.connection.execute("PRAGMA page_count").fetchone()[0]
+        txn.connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    store.submit(cap_the_file).result()
+    _, syncer = harness.start(config)
+
+    assert stub.wait_for(lambda: len(stub.requests()) >= 1, TIMEOUT)
+    eventually(
+        lambda: (project_state(syncer)["last_error"] or "").startswith(
+            "cannot record the API's answer: disk full"
+        ),
+        "the store failure in status",
+    )
+    time.sleep(2.0)  # the failure lasts: a tight loop would send hundreds of requests here
+    assert len(stub.requests()) <= 12
+    eventually(lambda: project_state(syncer)["next_attempt"] is not None, "a retry time")
+    status = project_state(syncer)
+    assert status["state"] == "backoff"
+    assert status["sent"] == 0
+    assert harness.queued() == 50
+    failures = [r for r in caplog.records if "cannot record the API's" in r.getMessage()]
+    assert len(failures) == 1  # the repeats are counted, not logged
+
+    # Space returns: the next attempt records the answers.
+    store.submit(lambda txn: txn.connection.execute("PRAGMA max_page_count = 100000")).result()
+    eventually(lambda: harness.queued() == 0, "queue drained")
+    assert store.stats().dead_letters == 40
+    assert set(seqs(stub)) == set(range(0, 50, 5))
+    # `sent` and the recovery line follow the commit by a moment.
+    eventually(lambda: project_state(syncer)["sent"] == 10, "sent count")
+    eventually(lambda: project_state(syncer)["state"] in ("ok", "idle"), "healthy again")
+    eventually(lambda: "recorded again" in caplog.text, "the recovery line")
