@@ -48,7 +48,6 @@ from bench_socket import (
     Row,
     api_stub,
     daemon_config,
-    draining_notifications,
     make_row,
     print_rows,
     stub_reset,
@@ -131,8 +130,7 @@ def agent_in(directory: Path, config: dict[str, Any]) -> Iterator[AgentProcess]:
     directory.mkdir(parents=True, exist_ok=True)
     agent = AgentProcess(directory, config)
     try:
-        with draining_notifications(agent):
-            yield agent
+        yield agent
     finally:
         agent.close()
 

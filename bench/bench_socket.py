@@ -75,32 +75,6 @@ def daemon_config(
 
 
 @contextmanager
-def draining_notifications(agent: AgentProcess) -> Iterator[None]:
-    """Keep reading the daemon's notify socket, as systemd does.
-
-    The fixture reads it only while waiting for a notification; unread, the datagram queue
-    (net.unix.max_dgram_qlen = 10) fills after ~10 STATUS/WATCHDOG messages and the daemon's
-    event loop then blocks in `sendto` (see docs/benchmarks.md, "Daemon footprint").
-    """
-    stop = threading.Event()
-
-    def drain() -> None:
-        while not stop.is_set():
-            try:
-                agent._drain_notifications(0.2)  # the fixture's own reader
-            except (OSError, AssertionError):  # not bound yet, or closed
-                stop.wait(0.2)
-
-    thread = threading.Thread(target=drain, name="notify-drain", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-@contextmanager
 def running_daemon(
     api_url: str | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -112,8 +86,7 @@ def running_daemon(
         agent = AgentProcess(directory, daemon_config(directory, api_url, extra))
         try:
             agent.start()
-            with draining_notifications(agent):
-                yield agent
+            yield agent
         finally:
             agent.close()
 

@@ -30,13 +30,8 @@ def test_notify_protocol_ready_status_watchdog_stopping(make_agent: Any) -> None
     assert agent.socket_path.exists()
     assert agent.request({"command": "status"})["ok"]  # READY=1 came after the socket listened
     agent.wait_notification("STATUS=queue")
-    before = sum(1 for n in agent.notifications if n == "WATCHDOG=1")
-    wait_for(
-        lambda: (agent._drain_notifications(0.2) or True)
-        and sum(1 for n in agent.notifications if n == "WATCHDOG=1") >= before + 3,
-        10,
-        "periodic WATCHDOG=1",
-    )
+    before = agent.count("WATCHDOG=1")
+    wait_for(lambda: agent.count("WATCHDOG=1") >= before + 3, 10, "periodic WATCHDOG=1")
     assert agent.terminate() == 0
     agent.wait_notification("STOPPING=1")
     assert not agent.socket_path.exists()
