@@ -13,8 +13,6 @@ import sqlite3
 from collections.abc import Callable
 from typing import Literal
 
-import sqlite_utils
-
 from agent.store.model import SCHEMA_VERSION, StoreError
 
 log = logging.getLogger("engagement_agent.store")
@@ -144,6 +142,10 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     `state(app, json)`. Queued rows keep their ids so anything that remembered an id still
     finds it, and new ids continue after them.
     """
+    # Imported here, not at module level: sqlite-utils pulls in numpy when it is installed
+    # (~10 MiB of RSS), and the agent only needs it when a migration runs.
+    import sqlite_utils
+
     db = sqlite_utils.Database(conn)
     tables = set(db.table_names())
     # Statement by statement: executescript() would COMMIT the caller's transaction.
