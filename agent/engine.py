@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import tracker
@@ -57,16 +57,28 @@ class Engine:
         return dict(self._states)
 
     def track(self, app: str, command: Any, now: float) -> concurrent.futures.Future[Outcome]:
-        return self._store.submit(
-            lambda txn: self._apply(
-                txn,
-                app,
-                now,
-                lambda state, settings, ctx: tracker.handle(
-                    command, state, settings, self._device, ctx
-                ),
-            )
+        return self._store.submit(self._track_op(app, command, now))
+
+    def track_many(
+        self,
+        commands: Sequence[tuple[str, Any, float]],
+        on_done: Callable[[list[Outcome | BaseException]], object],
+    ) -> None:
+        """Track (app, command, accept time) triples in order, each exactly like `track()`
+        (its own all-or-nothing op), with one callback for all of them instead of a future
+        each. `on_done(results)` runs on the writer thread once every command is committed or
+        failed: `results[i]` is command i's `Outcome` or the exception that refused it."""
+        self._store.submit_group(
+            [self._track_op(app, command, now) for app, command, now in commands], on_done
         )
+
+    def _track_op(self, app: str, command: Any, now: float) -> Callable[[Txn], Outcome]:
+        device = self._device
+
+        def step(state: AppState | None, settings: AppSettings, ctx: Context) -> Outcome:
+            return tracker.handle(command, state, settings, device, ctx)
+
+        return lambda txn: self._apply(txn, app, now, step)
 
     def expire_session(
         self, app: str, background_at: float, now: float

@@ -1,8 +1,10 @@
 """Transport-independent command handling: bytes in, one `Reply` out.
 
-The socket and MQTT adapters both call `Intake.handle()`; everything that decides whether a
-command is accepted — size, JSON, schema, app name, permissions — happens here, once. A
-command is acknowledged only when the backend has committed it.
+The MQTT adapter calls `Intake.handle()`; the socket calls its two halves, `prepare()` (every
+check, synchronous) and `finish()` (the reply for a result), so it can run a whole chunk of
+pipelined commands as one batch. Everything that decides whether a command is accepted —
+size, JSON, schema, app name, permissions — happens here, once. A command is acknowledged
+only when the backend has committed it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from agent.logs import RateLimitedLog
 log = logging.getLogger("engagement_agent.intake")
 
 DEFAULT_APP = "default"
+
+#: Compact JSON, built once (json.dumps with options builds an encoder per call).
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,34 @@ class Reply:
 
     def encode(self) -> bytes:
         """Compact JSON without a trailing newline."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+        if self.error is None and not self.result:  # most tracking commands: spelled out
+            request_id = "null" if self.request_id is None else _encode_json(self.request_id)
+            return f'{{"ok":true,"request_id":{request_id},"result":{{}}}}'.encode()
+        return _encode_json(self.to_dict()).encode()
+
+
+class Accepted:
+    """A command that passed every check in `Intake.prepare()`, with its accept time."""
+
+    __slots__ = ("app", "command", "command_name", "now", "origin", "request_id", "tracking")
+
+    def __init__(
+        self,
+        request_id: str | None,
+        app: str,
+        command_name: str,
+        command: Any,
+        now: float,
+        origin: Origin,
+        tracking: bool,
+    ) -> None:
+        self.request_id = request_id
+        self.app = app
+        self.command_name = command_name
+        self.command = command
+        self.now = now
+        self.origin = origin
+        self.tracking = tracking  # changes state and queues items (SPEC §11)
 
 
 class Backend(Protocol):
@@ -95,6 +127,17 @@ class Intake:
         self._config = config
 
     async def handle(self, data: bytes, origin: Origin) -> Reply:
+        """One command from bytes to its reply; returns once the backend committed it."""
+        prepared = self.prepare(data, origin)
+        if isinstance(prepared, Reply):
+            return prepared
+        return await self.execute(prepared)
+
+    def prepare(self, data: bytes, origin: Origin) -> Reply | Accepted:
+        """Everything that decides acceptance, synchronously: size, JSON, schema, app name,
+        permissions; then the accept time. Returns the error `Reply` of a refused command,
+        else the `Accepted` command for `execute()` (or a transport's own batching, which must
+        hand each result to `finish()`)."""
         request_id: str | None = None
         app: str | None = origin.topic_app
         command_name: str | None = None
@@ -112,12 +155,9 @@ class Intake:
             self._authorize(app, command, origin)
             # The accept time is taken here, before any waiting: an absent timestamp means
             # "when the agent accepted the command", not when it was committed or sent.
-            now = self._clock()
-            if is_tracking(command):
-                result = await self._backend.track(app, command, now)
-            else:
-                result = await self._backend.query(app, command)
-            return Reply(request_id, app, command_name, result)
+            return Accepted(
+                request_id, app, command_name, command, self._clock(), origin, is_tracking(command)
+            )
         except AgentError as error:
             self._log_rejection(error, app, command_name, origin)
             return Reply(request_id, app, command_name, error=error)
@@ -126,6 +166,38 @@ class Intake:
             return Reply(
                 request_id, app, command_name, error=InternalError("internal error; see the log")
             )
+
+    async def execute(self, accepted: Accepted) -> Reply:
+        """Run an accepted command on the backend; the reply once it is committed."""
+        try:
+            if accepted.tracking:
+                result = await self._backend.track(accepted.app, accepted.command, accepted.now)
+            else:
+                result = await self._backend.query(accepted.app, accepted.command)
+        except Exception as exc:
+            return self.finish(accepted, exc)
+        return self.finish(accepted, result)
+
+    def finish(self, accepted: Accepted, result: Mapping[str, Any] | BaseException | None) -> Reply:
+        """The reply for an accepted command given its result, or the exception that refused
+        it (an `AgentError` is the client's answer; anything else is logged as internal)."""
+        if not isinstance(result, BaseException):
+            return Reply(accepted.request_id, accepted.app, accepted.command_name, result)
+        if isinstance(result, AgentError):
+            self._log_rejection(result, accepted.app, accepted.command_name, accepted.origin)
+            return Reply(accepted.request_id, accepted.app, accepted.command_name, error=result)
+        log.error(
+            "internal error while handling %s for app %s",
+            accepted.command_name,
+            accepted.app,
+            exc_info=result,
+        )
+        return Reply(
+            accepted.request_id,
+            accepted.app,
+            accepted.command_name,
+            error=InternalError("internal error; see the log"),
+        )
 
     def _app_for(self, command: Any, origin: Origin) -> str:
         if origin.transport == "mqtt":
@@ -186,6 +258,7 @@ def reply_for_unreadable(error: AgentError) -> Reply:
 
 __all__ = [
     "DEFAULT_APP",
+    "Accepted",
     "Backend",
     "Intake",
     "Origin",

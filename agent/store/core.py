@@ -55,12 +55,70 @@ class _BatchFailed(Exception):
         self.cause = cause
 
 
-class _Op:
-    __slots__ = ("fn", "future")
+#: A group op's result slot before the op has a result.
+_UNSET: Any = object()
 
-    def __init__(self, fn: Callable[[Txn], Any], future: concurrent.futures.Future[Any]) -> None:
+
+class _Group:
+    """Ops submitted together with `submit_group`: one callback once all of them are settled."""
+
+    __slots__ = ("on_done", "remaining", "results")
+
+    def __init__(self, n: int, on_done: Callable[[list[Any]], object]) -> None:
+        self.on_done = on_done
+        self.remaining = n
+        self.results: list[Any] = [_UNSET] * n
+
+
+class _Op:
+    """One op: settled through its own future (`submit`) or its group's slot (`submit_group`)."""
+
+    __slots__ = ("fn", "future", "group", "index")
+
+    def __init__(
+        self,
+        fn: Callable[[Txn], Any],
+        future: concurrent.futures.Future[Any] | None,
+        group: _Group | None = None,
+        index: int = 0,
+    ) -> None:
         self.fn = fn
         self.future = future
+        self.group = group
+        self.index = index
+
+    def settle(self, value: Any, finished: list[_Group], *, failed: bool = False) -> None:
+        """Record the op's result (its value, or with `failed` the exception it failed with).
+        A group whose last op this was goes to `finished`; the caller runs its callback."""
+        future = self.future
+        if future is not None:
+            if failed:
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+            return
+        group = self.group
+        assert group is not None
+        if group.results[self.index] is not _UNSET:
+            return
+        group.results[self.index] = value
+        group.remaining -= 1
+        if group.remaining == 0:
+            finished.append(group)
+
+    def settled(self) -> bool:
+        if self.future is not None:
+            return self.future.done()
+        assert self.group is not None
+        return self.group.results[self.index] is not _UNSET
+
+
+def _call_groups(groups: list[_Group]) -> None:
+    for group in groups:
+        try:
+            group.on_done(group.results)
+        except Exception:
+            log.exception("a group's on_done callback failed")
 
 
 def _errorcode(exc: sqlite3.Error) -> int | None:
@@ -311,6 +369,32 @@ class Store:
                 self._cond.notify()
         return future
 
+    def submit_group(
+        self, ops: list[Callable[[Txn], Any]], on_done: Callable[[list[Any]], object]
+    ) -> None:
+        """Run each op exactly as `submit` would, in order; then call `on_done(results)` once.
+
+        `results[i]` is op i's return value, or the exception it failed with (its own
+        AgentError, or Unavailable when its transaction was lost). `on_done` runs on the
+        writer thread after the transaction holding the group's last op committed (or
+        failed); it must not block. This saves a Future, with its lock and condition, per op:
+        the socket submits each chunk of pipelined commands as one group. After close (or
+        before open) `on_done` runs at once, on the calling thread, with Unavailable for all.
+        """
+        if not ops:
+            return
+        group = _Group(len(ops), on_done)
+        with self._cond:
+            if self._accepting:
+                if not self._pending and not self._busy:
+                    self._progress_at = time.monotonic()
+                self._pending.extend(_Op(fn, None, group, i) for i, fn in enumerate(ops))
+                if self._writer_waiting:
+                    self._cond.notify()
+                return
+        closed = Unavailable("the queue database is closed")
+        on_done([closed] * len(ops))
+
     def writer_healthy(self, max_stall: float) -> bool:
         """False when work is waiting and the writer has not finished a batch for `max_stall`
         seconds (a hung fsync, a dead thread): the daemon then stops petting the watchdog."""
@@ -350,9 +434,13 @@ class Store:
                 self._run_batch(batch)
             except BaseException:  # pragma: no cover - a bug; never leave futures hanging
                 log.exception("the queue writer failed")
+                finished: list[_Group] = []
                 for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(Unavailable("internal error in the queue writer"))
+                    if not op.settled():
+                        op.settle(
+                            Unavailable("internal error in the queue writer"), finished, failed=True
+                        )
+                _call_groups(finished)
             finally:
                 with self._cond:
                     self._busy = False
@@ -372,7 +460,7 @@ class Store:
             conn = state.conn
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                if not op.future.set_running_or_notify_cancel():
+                if op.future is not None and not op.future.set_running_or_notify_cancel():
                     continue
                 txn = Txn(state)
                 started.append(txn)
@@ -395,9 +483,10 @@ class Store:
             self._failing = None
         self._log_evictions(state)
         enqueued: set[int] = set()
+        finished: list[_Group] = []
         for op, txn, error in failed:
             _run_hooks(txn.rollback_hooks, "after_rollback")
-            op.future.set_exception(error)
+            op.settle(error, finished, failed=True)
         for _, txn, _ in done:
             _run_hooks(txn.commit_hooks, "after_commit")
             enqueued |= txn.enqueued_projects
@@ -408,7 +497,8 @@ class Store:
             except Exception:
                 log.exception("the on_enqueued callback failed")
         for op, _, value in done:
-            op.future.set_result(value)
+            op.settle(value, finished)
+        _call_groups(finished)
 
     def _run_op(
         self, conn: sqlite3.Connection, state: WriterState, op: _Op, txn: Txn
@@ -498,10 +588,13 @@ class Store:
         for txn in started:
             txn.closed = True
             _run_hooks(txn.rollback_hooks, "after_rollback")
+        finished: list[_Group] = []
         for op in batch:
             # Ops after the failing one were never started; they fail the same way.
-            if op.future.running() or op.future.set_running_or_notify_cancel():
-                op.future.set_exception(error)
+            future = op.future
+            if future is None or future.running() or future.set_running_or_notify_cancel():
+                op.settle(error, finished, failed=True)
+        _call_groups(finished)
 
     def _reconnect(self, state: WriterState) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -11,7 +11,9 @@ import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import pydantic_core
 
 from agent.errors import QueueFull
 from agent.store.model import ProjectRow
@@ -27,6 +29,27 @@ _CHUNK = 500
 _MAX_REASON = 2000
 
 ProjectKey = tuple[str, str]
+
+_json_encode = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, check_circular=False, allow_nan=False
+).encode
+
+
+def _encode_payload(payload: Any) -> bytes:
+    """Compact UTF-8 JSON of an item's payload.
+
+    pydantic-core's encoder is ~4x faster than `json` and writes the same bytes for the
+    JSON-native values a payload holds (floats may differ only in exponent spelling, e.g.
+    `1e-7` for `1e-07`). It writes non-finite floats as bare `Infinity`/`NaN`, which is not
+    JSON: then, or for anything it cannot encode, `json` decides (and refuses such values).
+    """
+    try:
+        data = pydantic_core.to_json(payload)
+    except Exception:
+        return _json_encode(payload).encode()
+    if b"Infinity" in data or b"NaN" in data:
+        return _json_encode(payload).encode()
+    return data
 
 
 class Counters:
@@ -95,9 +118,7 @@ class WriterState:
         self.rows: list[tuple[int, int, float, bytes]] = []
         self.states: dict[str, str] = {}
         self.meta: dict[str, str] = {}
-        self.encode = json.JSONEncoder(
-            separators=(",", ":"), ensure_ascii=False, check_circular=False, allow_nan=False
-        ).encode
+        self.encode = _encode_payload
 
     def flush(self) -> None:
         """Apply the buffered writes of finished ops, in op order."""
@@ -217,7 +238,7 @@ class Txn:
         total = 0
         encode = self._state.encode
         for item in items:
-            payload = encode(item.payload).encode()
+            payload = encode(item.payload)
             project_id = self.project_for(item.project).id
             rows.append((project_id, len(payload), now, payload))
             total += len(payload)
