@@ -34,6 +34,8 @@ log = logging.getLogger("engagement_agent.ipc")
 
 MAX_IN_FLIGHT = 1024
 MAX_PENDING_BYTES = 32 * 1024 * 1024
+#: How long an accepted connection may take to be set up before its slot is freed again.
+RESERVATION_SECONDS = 5.0
 _PEERCRED = struct.Struct("3i")
 
 
@@ -109,6 +111,7 @@ class _Connection(asyncio.Protocol):
         self._transport = transport
         self._origin = Origin("socket", uid=peer_uid(transport.get_extra_info("socket")))
         self._server.connections.add(self)
+        self._server.unreserve(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -292,6 +295,7 @@ class SocketServer:
         self.max_line_bytes = max_line_bytes
         self.max_connections = max_connections
         self.connections: set[_Connection] = set()
+        self._reserved: set[_Connection] = set()  # accepted, connection_made still to come
         self.pending_bytes = 0  # request bytes whose replies are not written yet
         self.waiting_for_budget: set[_Connection] = set()
         self.accepting = True
@@ -331,9 +335,17 @@ class SocketServer:
         self._server = await loop.create_unix_server(self._accept, sock=listener)
 
     def _accept(self) -> asyncio.Protocol:
-        if len(self.connections) >= self.max_connections:
+        # asyncio creates the protocol now and calls connection_made later, so a burst of
+        # connects must be counted here, not there: reserve the slot at once.
+        if len(self.connections) + len(self._reserved) >= self.max_connections:
             return _Refused(self.max_connections)
-        return _Connection(self)
+        connection = _Connection(self)
+        self._reserved.add(connection)
+        # A connection whose setup fails never reaches connection_made: free its slot.
+        asyncio.get_running_loop().call_later(
+            RESERVATION_SECONDS, self._reserved.discard, connection
+        )
+        return connection
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -359,6 +371,9 @@ class SocketServer:
             waiting, self.waiting_for_budget = self.waiting_for_budget, set()
             for connection in waiting:
                 connection.update_reading()
+
+    def unreserve(self, connection: _Connection) -> None:
+        self._reserved.discard(connection)
 
     def stop_accepting(self) -> None:
         """Stop taking new commands: new lines get `unavailable`, the listener closes."""
