@@ -580,6 +580,11 @@ class Store:
         state.evicted_since_log = evicted_before
         if not _is_disk_full(cause):
             self._reopen_writer = True  # after an I/O error the connection may be unusable
+        else:
+            # Move what the WAL holds into the main file and truncate the WAL while we can:
+            # the space it frees is what the next deletes need.
+            with contextlib.suppress(sqlite3.Error):
+                state.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         message = f"disk full: {cause}" if _is_disk_full(cause) else f"storage error: {cause}"
         if self._failing != message:
             log.error("queue database write failed, %d operations refused: %s", len(batch), message)

@@ -34,6 +34,7 @@ RESERVED_META_PREFIX = "store."
 #: a large -wal file behind for good.
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 BUSY_TIMEOUT_MS = 5000
+WAL_AUTOCHECKPOINT_PAGES = 256
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -97,6 +98,11 @@ def connect(
         conn.execute(f"PRAGMA synchronous = {sync}")
         if role == "writer":
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            # Checkpoint every ~1 MiB of WAL (default 4 MiB): the data moves into the main file
+            # early, so on a nearly full disk the WAL never holds the whole queue — a state
+            # from which neither deletes (they need new WAL frames) nor a checkpoint (it needs
+            # the main file to grow) could recover.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             # Savepoint sub-journals stay in memory: one per op, a page or two each.
             conn.execute("PRAGMA temp_store = MEMORY")
             if max_page_count is not None:
