@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.apistub import ApiStub
+from tests.fixtures.api import api_project
 from tests.fixtures.daemon import REPO, AgentProcess, wait_for
 
 
@@ -42,11 +43,7 @@ def test_sigterm_finishes_and_exits_zero_keeping_everything(
 ) -> None:
     agent: AgentProcess = make_agent(
         {
-            "project": {
-                "project_token": "proj-a",
-                "authorization_token": "key-a",
-                "base_url": api_stub.url,
-            },
+            "project": api_project(api_stub),
             "sync": {"flush_mode": "manual"},
         }
     )
@@ -109,9 +106,7 @@ def test_invalid_config_exits_78_listing_every_problem(tmp_path: Path) -> None:
 def test_second_agent_on_the_same_database_refuses_to_start(make_agent: Any) -> None:
     first: AgentProcess = make_agent(name="first")
     first.start()
-    second: AgentProcess = make_agent(
-        {"queue": {"path": str(first.db_path)}}, name="second"
-    )
+    second: AgentProcess = make_agent({"queue": {"path": str(first.db_path)}}, name="second")
     second.start(wait_ready=False)
     assert second.process is not None
     assert second.process.wait(30) != 0
@@ -130,11 +125,7 @@ def test_reload_rearms_session_timers_with_the_new_timeout(
 ) -> None:
     agent: AgentProcess = make_agent(
         {
-            "project": {
-                "project_token": "proj-a",
-                "authorization_token": "key-a",
-                "base_url": api_stub.url,
-            },
+            "project": api_project(api_stub),
             "apps": {"defaults": {"session_timeout": 300.0}},
         }
     )
@@ -154,11 +145,7 @@ def test_waiting_flushes_cannot_block_reload_or_shutdown(
 ) -> None:
     agent: AgentProcess = make_agent(
         {
-            "project": {
-                "project_token": "proj-a",
-                "authorization_token": "key-a",
-                "base_url": api_stub.url,
-            },
+            "project": api_project(api_stub),
             "sync": {"flush_mode": "manual", "timeout": 60.0},
         }
     )

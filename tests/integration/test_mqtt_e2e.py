@@ -11,6 +11,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.apistub import ApiStub
+from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 
@@ -62,11 +63,7 @@ def agent(make_agent: Any, mosquitto: MosquittoBroker, api_stub: ApiStub) -> Age
     process: AgentProcess = make_agent(
         {
             "device_id": DEVICE,
-            "project": {
-                "project_token": "proj-a",
-                "authorization_token": "key-a",
-                "base_url": api_stub.url,
-            },
+            "project": api_project(api_stub),
             "mqtt": {"enabled": True, "host": "127.0.0.1", "port": mosquitto.port},
             "sync": {"flush_mode": "immediate"},
         }
@@ -138,8 +135,6 @@ def test_retained_status_and_last_will(agent: AgentProcess, mosquitto: Mosquitto
         )
         assert first["mqtt"]["connected"] is True
         agent.kill()
-        wait_for(
-            lambda: watcher.on(status_topic)[-1] == {"online": False}, 30, "the last will"
-        )
+        wait_for(lambda: watcher.on(status_topic)[-1] == {"online": False}, 30, "the last will")
     finally:
         watcher.close()

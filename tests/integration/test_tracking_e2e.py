@@ -8,18 +8,15 @@ from typing import Any
 import pytest
 
 from agent.apistub import ApiStub
+from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
-
-
-def project(api: ApiStub, token: str = "proj-a", key: str = "key-a") -> dict[str, str]:
-    return {"project_token": token, "authorization_token": key, "base_url": api.url}
 
 
 @pytest.fixture
 def agent(make_agent: Any, api_stub: ApiStub) -> AgentProcess:
     process: AgentProcess = make_agent(
         {
-            "project": project(api_stub),
+            "project": api_project(api_stub),
             "apps": {"defaults": {"session_timeout": 1.0}},
             "sync": {"flush_mode": "immediate"},
         }
@@ -117,7 +114,7 @@ def test_session_times_out_while_the_agent_runs(agent: AgentProcess, api_stub: A
 def test_state_and_queue_survive_kill_9(make_agent: Any, api_stub: ApiStub) -> None:
     agent = make_agent(
         {
-            "project": project(api_stub),
+            "project": api_project(api_stub),
             "apps": {"defaults": {"session_timeout": 2.0}},
             "sync": {"flush_mode": "manual"},
         }
@@ -154,8 +151,8 @@ def test_state_and_queue_survive_kill_9(make_agent: Any, api_stub: ApiStub) -> N
 def test_mapping_fans_out_and_apps_are_independent(make_agent: Any, api_stub: ApiStub) -> None:
     agent = make_agent(
         {
-            "project": project(api_stub),
-            "mapping": {"payment": [project(api_stub, "proj-b", "key-b")]},
+            "project": api_project(api_stub),
+            "mapping": {"payment": [api_project(api_stub, "proj-b")]},
         }
     )
     agent.start()
@@ -182,10 +179,10 @@ def test_mapping_fans_out_and_apps_are_independent(make_agent: Any, api_stub: Ap
 def test_anonymize_project_switch_persists_across_restart(
     make_agent: Any, api_stub: ApiStub
 ) -> None:
-    agent = make_agent({"project": project(api_stub), "sync": {"flush_mode": "manual"}})
+    agent = make_agent({"project": api_project(api_stub), "sync": {"flush_mode": "manual"}})
     agent.start()
     ok(agent, {"command": "track_event", "name": "before"})
-    ok(agent, {"command": "anonymize", "project": project(api_stub, "proj-b", "key-b")})
+    ok(agent, {"command": "anonymize", "project": api_project(api_stub, "proj-b")})
     agent.kill()
     agent.start()
     assert ok(agent, {"command": "get_customer"})["project_token"] == "proj-b"
