@@ -241,7 +241,6 @@ Command = Annotated[  # type: ignore[valid-type]
 ]
 
 
-
 def _tag(cls: type[_Command]) -> str:
     tag: str = cls.model_fields["command"].annotation.__args__[0]  # type: ignore[union-attr]
     return tag
@@ -359,14 +358,6 @@ def validate_command(document: Any) -> Any:
         return _command_adapter.validate_python(document, strict=True)
     except ValidationError as exc:
         raise _schema_error(exc) from None
-
-
-def parse_command(data: bytes) -> Any:
-    """Bytes of one command → a validated command model. Raises `AgentError` subclasses.
-
-    The size limit is the transport's job: it must refuse oversized input before buffering it.
-    """
-    return validate_command(parse_json(data))
 
 
 def request_id_of(document: Any) -> str | None:

@@ -1,7 +1,7 @@
 """Logging: journald-friendly output under systemd, readable output on a terminal, and a rate
 limiter so an outage (broker down, API down) is one log line a minute, not one per retry.
 
-Modules log through `logging.getLogger("engagement_agent.<module>")` (or `get_logger()`).
+Modules log through `logging.getLogger("engagement_agent.<module>")`.
 `setup_logging()` installs one stderr handler on the root logger: our namespace logs at the
 configured level, third-party libraries (paho, urllib3) only from WARNING up.
 
@@ -38,11 +38,6 @@ _PRIORITIES = (
 )
 _DEBUG_PRIORITY = 7
 _HANDLER_MARK = "_engagement_agent_handler"
-
-
-def get_logger(name: str) -> logging.Logger:
-    """`get_logger("sync")` -> the `engagement_agent.sync` logger."""
-    return logging.getLogger(f"{NAMESPACE}.{name}")
 
 
 def syslog_priority(levelno: int) -> int:
@@ -224,7 +219,7 @@ class RateLimitedLog:
     repeats within the interval are counted, and the next line after the interval says how
     many were held back.
 
-        errors = RateLimitedLog(get_logger("sync"))
+        errors = RateLimitedLog(logging.getLogger("engagement_agent.sync"))
         errors.warning(("api", token), "upload to %s failed: %s", url, exc)
         ...
         errors.resolved(("api", token), "upload to %s works again", url)
