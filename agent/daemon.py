@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -158,8 +159,6 @@ class Daemon:
         stored = self.store.get_meta(DEVICE_UUID_META)
         if stored:
             return stored
-        import uuid
-
         value = str(uuid.uuid4())
         await asyncio.wrap_future(self.store.submit(lambda t: t.set_meta(DEVICE_UUID_META, value)))
         return value

@@ -22,17 +22,13 @@ from agent.tracker import (
     DeviceInfo,
     OutboundItem,
     Outcome,
-    Project,
     config_fingerprint,
     expire_session,
     handle,
     pending_timer,
 )
+from tests.unit.test_tracker import EU, MAIN, PAY, T0
 
-T0 = 1_700_000_000.0
-MAIN = Project("main-token", "main-auth")
-PAY = Project("pay-token", "pay-auth")
-EU = Project("eu-token", "eu-auth", "https://api.eu1.exponea.com")
 DEVICE = DeviceInfo(device_uuid="device-uuid", os_version="12", sdk_version="0.1.0")
 DEFAULT_KEYS = {"config_default", "runtime_default"}
 
