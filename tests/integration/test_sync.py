@@ -59,11 +59,17 @@ class Harness:
     def config(self, **sync: Any) -> AgentConfig:
         return self.config_with(self.project(), **sync)
 
-    def config_with(self, project: Project | None, **sync: Any) -> AgentConfig:
+    def config_with(
+        self, project: Project | None, *, also: Project | None = None, **sync: Any
+    ) -> AgentConfig:
+        """`also`: a second configured project (as a mapping target). Credentials come from
+        the config only; the database holds none."""
         data: dict[str, Any] = {
             "queue": {"path": str(self.tmp_path / "queue.db"), "durability": "normal"},
             "sync": {"max_backoff": 1.0, "max_requests_per_second": 0, "timeout": 10.0, **sync},
         }
+        if also is not None:
+            data["mapping"] = {"banner": [vars(also)]}
         if project is not None:
             data["project"] = {
                 "project_token": project.project_token,
@@ -262,7 +268,7 @@ def test_a_hung_request_does_not_delay_other_projects(harness: Harness) -> None:
     stub = harness.stub
     stub.hang_next(1, 60, project="proj-a")
     a, b = harness.project("proj-a", "key-a"), harness.project("proj-b", "key-b")
-    config = harness.config_with(a)
+    config = harness.config_with(a, also=b)
     harness.open_store(config)
     harness.enqueue(a, [event(i) for i in range(5)])
     harness.enqueue(b, [event(100 + i) for i in range(5)])
@@ -288,17 +294,19 @@ def test_items_queued_before_any_project_wait_for_one(harness: Harness) -> None:
 
 def test_new_project_rows_get_a_worker_on_notify(harness: Harness) -> None:
     stub = harness.stub
-    harness.start(harness.config())
-    harness.enqueue(harness.project("proj-b", "key-b"), [event(1)])
+    b = harness.project("proj-b", "key-b")
+    harness.start(harness.config_with(harness.project(), also=b))
+    harness.enqueue(b, [event(1)])
     assert stub.wait_received(1, TIMEOUT, project="proj-b")
 
 
 def test_flush_wait_sends_everything_and_counts_accepted(harness: Harness) -> None:
     stub = harness.stub
     stub.fail_commands(Match(event_type="bad"))
-    _, syncer = harness.start(harness.config(flush_mode="manual"))
+    b = harness.project("proj-b", "key-b")
+    _, syncer = harness.start(harness.config_with(harness.project(), also=b, flush_mode="manual"))
     harness.enqueue(harness.project(), [event(i, "bad" if i == 5 else "test") for i in range(75)])
-    harness.enqueue(harness.project("proj-b", "key-b"), [event(i) for i in range(10)])
+    harness.enqueue(b, [event(i) for i in range(10)])
     assert stub.requests() == []  # manual: nothing without flush
     result = syncer.flush(wait=True)
     assert result == {"flushed": 84, "remaining": 0}
