@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub, Match
 from agent.config import AgentConfig
 from agent.store import Store, Txn
 from agent.sync import USER_AGENT, Syncer
 from agent.tracker.model import UNCONFIGURED_PROJECT, OutboundItem, Project
+from agent_devtools.apistub import ApiStub, Match
 from tests.fixtures.daemon import wait_for
 
 TIMEOUT = 15.0

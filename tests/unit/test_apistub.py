@@ -17,7 +17,7 @@ import pytest
 import urllib3
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from agent.apistub import ApiStub, Fault, Match
+from agent_devtools.apistub import ApiStub, Fault, Match
 
 BATCH = "/track/v2/projects/proj-a/batch"
 AUTH = {"Authorization": "Token key-a", "Content-Type": "application/json"}
@@ -240,7 +240,7 @@ def test_fault_from_json_rejects_unknown_keys() -> None:
 
 def test_console_script_prints_its_url_and_serves() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.apistub", "--port", "0", "--project", "t:k"],
+        [sys.executable, "-m", "agent_devtools.apistub", "--port", "0", "--project", "t:k"],
         stdout=subprocess.PIPE,
         text=True,
     )
