@@ -56,14 +56,29 @@ class Harness:
     def project(self, token: str = "proj-a", key: str = "key-a") -> Project:
         return Project(token, key, self.stub.url)
 
-    def config(self, **sync: Any) -> AgentConfig:
-        return self.config_with(self.project(), **sync)
+    def config(self, *, also: tuple[Project, ...] = (), **sync: Any) -> AgentConfig:
+        return self.config_with(self.project(), also=also, **sync)
 
-    def config_with(self, project: Project | None, **sync: Any) -> AgentConfig:
+    def config_with(
+        self, project: Project | None, *, also: tuple[Project, ...] = (), **sync: Any
+    ) -> AgentConfig:
+        """A config whose `[project]` is `project`; `also` names more projects (as mapping
+        targets: the config names them, so their items may be sent)."""
         data: dict[str, Any] = {
             "queue": {"path": str(self.tmp_path / "queue.db"), "durability": "normal"},
             "sync": {"max_backoff": 1.0, "max_requests_per_second": 0, "timeout": 10.0, **sync},
         }
+        if also:
+            data["mapping"] = {
+                "banner": [
+                    {
+                        "project_token": p.project_token,
+                        "authorization_token": p.authorization_token,
+                        "base_url": p.base_url,
+                    }
+                    for p in also
+                ]
+            }
         if project is not None:
             data["project"] = {
                 "project_token": project.project_token,
@@ -262,7 +277,7 @@ def test_a_hung_request_does_not_delay_other_projects(harness: Harness) -> None:
     stub = harness.stub
     stub.hang_next(1, 60, project="proj-a")
     a, b = harness.project("proj-a", "key-a"), harness.project("proj-b", "key-b")
-    config = harness.config_with(a)
+    config = harness.config_with(a, also=(b,))
     harness.open_store(config)
     harness.enqueue(a, [event(i) for i in range(5)])
     harness.enqueue(b, [event(100 + i) for i in range(5)])
@@ -278,7 +293,7 @@ def test_items_queued_before_any_project_wait_for_one(harness: Harness) -> None:
     config = harness.config_with(None)
     _, syncer = harness.start(config)
     harness.enqueue(UNCONFIGURED_PROJECT, [event(i) for i in range(7)])
-    eventually(lambda: project_state(syncer, "")["state"] == "paused", "pause")
+    eventually(lambda: project_state(syncer, "")["state"] == "unconfigured", "held")
     assert project_state(syncer, "")["last_error"] == "no project configured"
     assert stub.requests() == []
     syncer.reload(harness.config())
@@ -288,17 +303,53 @@ def test_items_queued_before_any_project_wait_for_one(harness: Harness) -> None:
 
 def test_new_project_rows_get_a_worker_on_notify(harness: Harness) -> None:
     stub = harness.stub
-    harness.start(harness.config())
-    harness.enqueue(harness.project("proj-b", "key-b"), [event(1)])
+    b = harness.project("proj-b", "key-b")
+    harness.start(harness.config(also=(b,)))
+    harness.enqueue(b, [event(1)])
     assert stub.wait_received(1, TIMEOUT, project="proj-b")
+
+
+def test_items_of_a_project_no_longer_configured_are_held_until_it_is_again(
+    harness: Harness,
+) -> None:
+    stub = harness.stub
+    b = harness.project("proj-b", "key-b")
+    _, syncer = harness.start(harness.config())
+    harness.enqueue(b, [event(i) for i in range(4)])
+    eventually(lambda: project_state(syncer, "proj-b")["state"] == "unconfigured", "held")
+    assert project_state(syncer, "proj-b")["last_error"] == "project not configured"
+    harness.enqueue(b, [event(4)])  # more items for it: still held, still nothing sent
+    harness.enqueue(harness.project(), [event(100)])  # a configured project is not held up
+    assert stub.wait_received(1, TIMEOUT, project="proj-a")
+    eventually(lambda: harness.queued() == 5, "proj-a's item acknowledged")
+    assert stub.requests("proj-b") == []
+    syncer.reload(harness.config(also=(b,)))
+    assert stub.wait_received(5, TIMEOUT, project="proj-b")
+    eventually(lambda: harness.queued() == 0, "queue drained")
+
+
+def test_credentials_come_from_the_current_config(harness: Harness) -> None:
+    """The store keeps no authorization token: a key changed in the config is what the next
+    request carries, also for items queued before the change."""
+    stub = harness.stub
+    stub.add_project("proj-a", "key-new")
+    _, syncer = harness.start(harness.config(flush_mode="manual"))
+    harness.enqueue(harness.project(), [event(i) for i in range(3)])
+    syncer.flush(wait=True)
+    assert project_state(syncer)["state"] == "paused"
+    syncer.reload(
+        harness.config_with(harness.project("proj-a", "Token key-new"), flush_mode="manual")
+    )
+    assert syncer.flush(wait=True) == {"flushed": 3, "remaining": 0}
 
 
 def test_flush_wait_sends_everything_and_counts_accepted(harness: Harness) -> None:
     stub = harness.stub
     stub.fail_commands(Match(event_type="bad"))
-    _, syncer = harness.start(harness.config(flush_mode="manual"))
+    b = harness.project("proj-b", "key-b")
+    _, syncer = harness.start(harness.config(flush_mode="manual", also=(b,)))
     harness.enqueue(harness.project(), [event(i, "bad" if i == 5 else "test") for i in range(75)])
-    harness.enqueue(harness.project("proj-b", "key-b"), [event(i) for i in range(10)])
+    harness.enqueue(b, [event(i) for i in range(10)])
     assert stub.requests() == []  # manual: nothing without flush
     result = syncer.flush(wait=True)
     assert result == {"flushed": 84, "remaining": 0}
