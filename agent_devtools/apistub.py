@@ -167,6 +167,7 @@ class RequestRecord:
     user_agent: str
     content_type: str
     authorization_ok: bool
+    via: str = ""  # the `Via` header a proxy on the way added
 
 
 @dataclass
@@ -789,6 +790,7 @@ class _Handler(BaseHTTPRequestHandler):
             user_agent=self.headers.get("User-Agent", ""),
             content_type=self.headers.get("Content-Type", ""),
             authorization_ok=outcome.authorized,
+            via=self.headers.get("Via", ""),
         )
         self.server.stub._record(record, outcome.accepted)
 
