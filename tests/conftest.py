@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.api",
     "tests.fixtures.mosquitto",
     "tests.fixtures.tinyproxy",
+    "tests.fixtures.sync",
 ]

@@ -89,6 +89,17 @@ class Aborted(TransportError):
 
 
 @dataclass(frozen=True)
+class Request:
+    """One request to the API; `timeout` bounds all of it (docs/sync.md)."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | None = None
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class Response:
     """An HTTP answer. `headers` has lower-case names; `date` is the `Date` header as epoch
     seconds (None if absent or malformed); `round_trip` is the monotonic seconds from sending
@@ -106,19 +117,11 @@ class Response:
 
 
 class Transport(Protocol):
-    """What the uploader needs from HTTP. `request` raises `TransportError` (and nothing
-    else for network trouble); `abort` may be called from any thread and ends a request in
-    flight with `Aborted`; `close` releases connections."""
+    """What the uploader needs from HTTP. `send` raises `TransportError` (and nothing else
+    for network trouble); `abort` may be called from any thread and ends a request in flight
+    with `Aborted`; `close` releases connections."""
 
-    def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        body: bytes | None = None,
-        timeout: float,
-    ) -> Response: ...
+    def send(self, request: Request) -> Response: ...
 
     def abort(self) -> None: ...
 
@@ -327,26 +330,19 @@ class HttpTransport:
             self._proxy_setting = proxy
             self._environ = environ
 
-    def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        body: bytes | None = None,
-        timeout: float,
-    ) -> Response:
-        manager, proxy = self._manager_for(url)
+    def send(self, request: Request) -> Response:
+        timeout = request.timeout
+        manager, proxy = self._manager_for(request.url)
         started = time.monotonic()
         sent_at = time.time()
         deadline = self._deadlines.arm(started + timeout, self._expire)
         try:
             try:
                 response = manager.urlopen(
-                    method,
-                    url,
-                    body=body,
-                    headers=dict(headers),
+                    request.method,
+                    request.url,
+                    body=request.body,
+                    headers=dict(request.headers),
                     retries=False,
                     redirect=False,
                     timeout=Timeout(connect=timeout, read=timeout),
@@ -510,7 +506,7 @@ def fetch_time(transport: Transport, project: Project, timeout: float) -> TimeSa
     """
     url = project.base_url.rstrip("/") + wire.time_path(project.project_token)
     headers = wire.request_headers(project.authorization_token, USER_AGENT, body=False)
-    response = transport.request("GET", url, headers=headers, timeout=timeout)
+    response = transport.send(Request("GET", url, headers, timeout=timeout))
     value = wire.parse_time(response.body) if response.status == 200 else None
     if value is None:
         raise BadAnswer(
@@ -529,6 +525,7 @@ __all__ = [
     "Deadlines",
     "HttpTransport",
     "Interrupted",
+    "Request",
     "Response",
     "TimeSample",
     "Transport",

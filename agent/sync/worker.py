@@ -40,6 +40,7 @@ from agent.sync.schedule import Kind, Outcome, Schedule, Settings, State
 from agent.sync.transport import (
     USER_AGENT,
     Aborted,
+    Request,
     Transport,
     TransportError,
     Unreachable,
@@ -627,9 +628,7 @@ class Worker:
                 raise Stopped
         body = wire.batch_body([item.payload for item in items])
         try:
-            response = self.transport.request(
-                "POST", url, headers=headers, body=body, timeout=timeout
-            )
+            response = self.transport.send(Request("POST", url, headers, body, timeout))
         except Aborted:
             raise Stopped from None
         except Unreachable as exc:

@@ -9,131 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.store import Store, Txn
-from agent.sync import USER_AGENT, Syncer
-from agent.tracker.model import UNCONFIGURED_PROJECT, OutboundItem, Project
+from agent.store import Txn
+from agent.sync import USER_AGENT
+from agent.tracker.model import UNCONFIGURED_PROJECT
 from agent_devtools.apistub import ApiStub, Match
-from tests.fixtures.daemon import wait_for
-
-TIMEOUT = 15.0
-
-
-def eventually(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Wait for a condition of the store or syncer (they have no change notification)."""
-    return wait_for(condition, timeout, what)
-
-
-def event(seq: int, event_type: str = "test", **properties: Any) -> dict[str, Any]:
-    return {
-        "name": "customers/events",
-        "data": {
-            "customer_ids": {"cookie": "3f1c0e9a-0000-4000-8000-000000000000"},
-            "event_type": event_type,
-            "timestamp": 1_700_000_000.0 + seq,
-            "properties": {"seq": seq, **properties},
-        },
-    }
-
-
-class Harness:
-    """A store, a syncer and helpers; `config` overrides are merged into a small-backoff base."""
-
-    def __init__(self, tmp_path: Path, stub: ApiStub) -> None:
-        self.tmp_path = tmp_path
-        self.stub = stub
-        self.store: Store | None = None
-        self.syncer: Syncer | None = None
-
-    def project(self, token: str = "proj-a", key: str = "key-a") -> Project:
-        return Project(token, key, self.stub.url)
-
-    def config(self, *, also: tuple[Project, ...] = (), **sync: Any) -> AgentConfig:
-        return self.config_with(self.project(), also=also, **sync)
-
-    def config_with(
-        self, project: Project | None, *, also: tuple[Project, ...] = (), **sync: Any
-    ) -> AgentConfig:
-        """A config whose `[project]` is `project`; `also` names more projects (as mapping
-        targets: the config names them, so their items may be sent)."""
-        data: dict[str, Any] = {
-            "queue": {"path": str(self.tmp_path / "queue.db"), "durability": "normal"},
-            "sync": {"max_backoff": 1.0, "max_requests_per_second": 0, "timeout": 10.0, **sync},
-        }
-        if also:
-            data["mapping"] = {
-                "banner": [
-                    {
-                        "project_token": p.project_token,
-                        "authorization_token": p.authorization_token,
-                        "base_url": p.base_url,
-                    }
-                    for p in also
-                ]
-            }
-        if project is not None:
-            data["project"] = {
-                "project_token": project.project_token,
-                "authorization_token": project.authorization_token,
-                "base_url": project.base_url,
-            }
-        return AgentConfig.model_validate(data)
-
-    def open_store(self, config: AgentConfig) -> Store:
-        store = Store(config.queue)
-        store.open()
-        self.store = store
-        return store
-
-    def start(self, config: AgentConfig, *, start_syncer: bool = True) -> tuple[Store, Syncer]:
-        store = self.store or self.open_store(config)
-        syncer = Syncer(store, config, rng=random.Random(7))
-        store.on_enqueued = syncer.notify
-        self.syncer = syncer
-        if start_syncer:
-            syncer.start()
-        return store, syncer
-
-    def enqueue(self, project: Project, payloads: list[dict[str, Any]]) -> None:
-        assert self.store is not None
-        items = [OutboundItem(project, "track_event", p) for p in payloads]
-        self.store.submit(lambda txn: txn.enqueue(items, time.time())).result()
-
-    def queued(self) -> int:
-        assert self.store is not None
-        return self.store.stats().items
-
-    def close(self) -> None:
-        self.stub.release_hangs()
-        if self.syncer is not None:
-            self.syncer.stop(2.0)
-        if self.store is not None:
-            self.store.close()
-
-
-@pytest.fixture
-def harness(tmp_path: Path, api_stub: ApiStub) -> Iterator[Harness]:
-    h = Harness(tmp_path, api_stub)
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-def project_state(syncer: Syncer, token: str = "proj-a") -> dict[str, Any]:
-    """The project's status entry; an empty one until its worker exists."""
-    for entry in syncer.status()["projects"]:
-        if entry["project_token"] == token:
-            return entry  # type: ignore[no-any-return]
-    return {"state": None, "last_error": None, "next_attempt": None, "sent": 0}
+from tests.fixtures.sync import TIMEOUT, Harness, event, eventually, project_state
 
 
 def seqs(stub: ApiStub, project: str | None = None) -> list[int]:

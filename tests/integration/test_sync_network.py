@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,8 @@ import pytest
 from agent.sync import Syncer
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.mosquitto import free_port
+from tests.fixtures.sync import TIMEOUT, Harness, event, eventually, project_state
 from tests.fixtures.tinyproxy import VIA_NAME, Tinyproxy
-from tests.integration.test_sync import (
-    TIMEOUT,
-    Harness,
-    event,
-    eventually,
-    project_state,
-)
 
 
 class _High(random.Random):
@@ -34,15 +27,6 @@ class _High(random.Random):
 
     def random(self) -> float:
         return 0.999
-
-
-@pytest.fixture
-def harness(tmp_path: Path, api_stub: ApiStub) -> Iterator[Harness]:
-    h = Harness(tmp_path, api_stub)
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 def test_a_refused_connection_is_named_as_such_and_probed_not_backed_off(

@@ -16,24 +16,13 @@ import pytest
 from agent.config import AgentConfig
 from agent.store import Store
 from agent.sync import Syncer
-from agent.sync.transport import Interrupted, Response, Unreachable
+from agent.sync.transport import Interrupted, Request, Response, Unreachable
 from agent.tracker.model import OutboundItem, Project
 from tests.fixtures.daemon import wait_for
-from tests.fixtures.transport import FakeTransport, Request, ok_for_all
+from tests.fixtures.sync import event
+from tests.fixtures.transport import FakeTransport, commands, ok_for_all
 
 PROJECT = Project("proj-a", "key-a", "http://api.test")
-
-
-def event(seq: int, kind: str = "test") -> dict[str, Any]:
-    return {
-        "name": "customers/events",
-        "data": {
-            "customer_ids": {"cookie": "c"},
-            "event_type": kind,
-            "timestamp": 1_700_000_000.0 + seq,
-            "properties": {"seq": seq},
-        },
-    }
 
 
 class Rig:
@@ -86,7 +75,7 @@ def rig_factory(tmp_path: Path) -> Iterator[Any]:
 
 def test_a_poison_item_is_found_by_bisection_and_alone_dead_lettered(rig_factory: Any) -> None:
     def handler(request: Request) -> Response:
-        if any(c["data"]["event_type"] == "poison" for c in request.commands):
+        if any(c["data"]["event_type"] == "poison" for c in commands(request)):
             return Response(400, b'{"success": false, "errors": ["bad item"]}')
         return ok_for_all(request)
 
@@ -95,12 +84,12 @@ def test_a_poison_item_is_found_by_bisection_and_alone_dead_lettered(rig_factory
     rig.syncer.start()
     assert rig.syncer.flush(wait=True) == {"flushed": 49, "remaining": 0}
     assert rig.store.stats().dead_letters == 1
-    sizes = [len(r.commands) for r in rig.transport.requests]
+    sizes = [len(commands(r)) for r in rig.transport.requests]
     assert sizes[0] == 50 and len(sizes) <= 1 + 2 * 6  # log2(50) halvings, two halves each
     delivered = sorted(
         c["data"]["properties"]["seq"]
         for r in rig.transport.requests[1:]
-        for c in r.commands
+        for c in commands(r)
         if c["data"]["event_type"] == "test"
     )
     assert set(delivered) == set(range(50)) - {13}
@@ -110,7 +99,7 @@ def test_per_command_refusals_are_dead_letters_and_the_rest_acknowledged(rig_fac
     def handler(request: Request) -> Response:
         results = [
             {"success": c["data"]["properties"]["seq"] % 2 == 0, "errors": ["odd"]}
-            for c in request.commands
+            for c in commands(request)
         ]
         return Response(200, json.dumps({"success": True, "results": results}).encode())
 
@@ -167,4 +156,4 @@ def test_a_server_error_keeps_the_batch_and_honours_retry_after(rig_factory: Any
     rig.syncer.start()
     wait_for(lambda: rig.store.stats().items == 0, 15.0, "delivered after the Retry-After")
     first, second = rig.transport.requests
-    assert len(first.commands) == len(second.commands) == 3
+    assert len(commands(first)) == len(commands(second)) == 3

@@ -4,6 +4,7 @@ need a peer use a closed or a silent local port."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from agent.sync.transport import (
     Deadlines,
     HttpTransport,
     Interrupted,
+    Request,
     Response,
     Unreachable,
     _translate,
@@ -148,29 +150,32 @@ def deadlines() -> Iterator[Deadlines]:
         d.close()
 
 
-def test_a_whole_request_deadline_cuts_a_silent_peer(deadlines: Deadlines) -> None:
-    """A peer that accepts and never answers: the request ends at its budget."""
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[socket.socket, int]]:
+    """A listening socket that accepts connections (the kernel does) and never answers."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        port = server.getsockname()[1]
+        yield server, server.getsockname()[1]
+
+
+def test_a_whole_request_deadline_cuts_a_silent_peer(deadlines: Deadlines) -> None:
+    """A peer that accepts and never answers: the request ends at its budget."""
+    with silent_server() as (_server, port):
         transport = HttpTransport(deadlines)
         with pytest.raises(Interrupted):
-            transport.request("GET", f"http://127.0.0.1:{port}/", headers={}, timeout=0.5)
+            transport.send(Request("GET", f"http://127.0.0.1:{port}/", {}, timeout=0.5))
         transport.close()
 
 
 def test_abort_ends_a_request_in_flight(deadlines: Deadlines) -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
+    with silent_server() as (server, port):
         transport = HttpTransport(deadlines)
         errors: list[BaseException] = []
 
         def call() -> None:
             try:
-                transport.request("GET", f"http://127.0.0.1:{port}/", headers={}, timeout=30)
+                transport.send(Request("GET", f"http://127.0.0.1:{port}/", {}, timeout=30))
             except BaseException as exc:
                 errors.append(exc)
 
@@ -199,4 +204,4 @@ def test_fetch_time_reads_the_apis_clock_and_date(deadlines: Deadlines) -> None:
 def test_a_closed_port_is_unreachable(deadlines: Deadlines) -> None:
     transport = HttpTransport(deadlines)
     with pytest.raises(Unreachable, match="connection refused"):
-        transport.request("GET", f"http://127.0.0.1:{free_port()}/", headers={}, timeout=5)
+        transport.send(Request("GET", f"http://127.0.0.1:{free_port()}/", {}, timeout=5))
