@@ -1,4 +1,4 @@
-"""Configuration (SPEC §7, §11): TOML file, environment overrides, `*_file` secrets, validation.
+"""Configuration: TOML file, environment overrides, `*_file` secrets, validation.
 
 `load_config()` either returns a complete, validated `AgentConfig` or raises `ConfigError`
 listing every problem as `dotted.key.path: reason`, which `run` and `check-config` print before
@@ -463,7 +463,7 @@ class _Load:
 
 
 def _parse_env_value(raw: str) -> Any:
-    """Env values are TOML values when they parse as one, else plain strings (SPEC §11)."""
+    """Env values are TOML values when they parse as one, else plain strings."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -740,7 +740,7 @@ def _project_refs(data: dict[str, Any]) -> list[tuple[KeyPath, Any]]:
 
     mapping_refs(data.get("mapping"), ("mapping",))
     apps = data.get("apps")
-    for app, table in (apps.items() if isinstance(apps, dict) else ()):
+    for app, table in apps.items() if isinstance(apps, dict) else ():
         if not isinstance(table, dict):
             continue
         if "project" in table:

@@ -1,4 +1,4 @@
-"""The SDK's tracking logic for one app, as pure functions (SPEC §4, §5, §11 "Tracking").
+"""The SDK's tracking logic for one app, as pure functions (docs/tracking.md is the rulebook).
 
 Everything here is sans-I/O in the h11 sense: a command and the app's current `AppState` go in,
 an `Outcome` (next state, items to queue, reply result, timer wish) comes out. The caller owns
@@ -241,13 +241,13 @@ class _Run:
 
 
 def _timestamp_of(command: object, ctx: Context) -> float:
-    """The command's own timestamp, else its accept time (SPEC §2: not the send time)."""
+    """The command's own timestamp, else its accept time (not the send time: docs/tracking.md)."""
     timestamp = getattr(command, "timestamp", None)
     return float(timestamp) if timestamp is not None else ctx.now
 
 
 def _check_allowed(command: object, state: AppState | None, settings: AppSettings) -> None:
-    """The SPEC's invalid_state cases, checked before anything else is decided."""
+    """The invalid_state cases (docs/protocol.md), checked before anything else is decided."""
     if not isinstance(command, TrackSessionStart | TrackSessionEnd):
         return
     name = "track_session_start" if isinstance(command, TrackSessionStart) else "track_session_end"
@@ -266,7 +266,7 @@ def _check_allowed(command: object, state: AppState | None, settings: AppSetting
 
 def _on_get_customer(run: _Run) -> Outcome:
     # Creates (and so persists) the cookie, but tracks nothing: installation waits for the
-    # app's first tracking command (SPEC §11).
+    # app's first tracking command (docs/tracking.md).
     ids = run.customer_ids()
     project, _ = routing(run.state, run.settings)
     return run.outcome({"ids": ids, "project_token": project.project_token})
@@ -522,7 +522,7 @@ def _invalidate_push_token(run: _Run, replacing: TokenType | None) -> None:
 def _push_token_item(
     run: _Run, token: str, token_type: TokenType, valid: bool, timestamp: float
 ) -> None:
-    """One push-token item in the app's format. Never with default properties (SPEC §4)."""
+    """One push-token item in the app's format. Never with default properties."""
     if run.settings.push_token_format == "customer_property":
         run.customer_update(
             "push_token", timestamp, {_TOKEN_PROPERTY[token_type]: token if valid else ""}
@@ -572,7 +572,7 @@ def _event_properties(
 ) -> dict[str, Any]:
     """defaults < automatic (application_id, device_id, device props) < the event's own.
 
-    The event's own properties win over everything, as the SPEC says of defaults; automatic
+    The event's own properties win over everything, as docs/tracking.md says of defaults; automatic
     properties win over defaults so a default cannot silently relabel the app or device.
     """
     automatic = _automatic_properties(run)

@@ -78,7 +78,7 @@ class AppSettings:
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """Device properties added to session, installation and payment events (SPEC §4)."""
+    """Device properties added to session, installation and payment events (docs/tracking.md)."""
 
     device_uuid: str
     os_name: str = "Linux"
