@@ -131,7 +131,10 @@ def handle(
             _on_set_default_properties(run, command)
         case _:  # pragma: no cover - guarded by the type checker
             raise TypeError(f"not a tracking command: {type(command).__name__}")
-    run.update(last_command_at=command_at)
+    if run.state.in_foreground:
+        # Only the relaunch rule reads it, and only for an app in the foreground: apps that
+        # never report their lifecycle are spared a state write per command.
+        run.update(last_command_at=command_at)
     return run.outcome()
 
 

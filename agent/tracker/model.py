@@ -151,8 +151,9 @@ class AppState(BaseModel):
     push_token_tracked_at: float | None = None
     app_version: str | None = None
     project_switch: ProjectSwitch | None = None
-    #: When the app's last tracking command happened (its own timestamp, else its accept time):
-    #: where a session of an app that restarted without `app_background` ended.
+    #: When the app's last tracking command happened (its own timestamp, else its accept time),
+    #: kept while the app is in the foreground: where the session of an app that restarted
+    #: without `app_background` ended.
     last_command_at: float | None = None
 
 

@@ -1350,6 +1350,19 @@ def test_relaunch_verifies_the_token_for_the_new_session() -> None:
     ]
 
 
+def test_the_last_command_is_remembered_only_in_the_foreground() -> None:
+    """An app that never reports its lifecycle costs no state write per event."""
+    app = installed_app()
+    before = app.state
+    app.now = T0 + 5
+    app.send("track_event", name="tap")
+    assert app.state == before
+    app.send("app_foreground")
+    app.now = T0 + 9
+    app.send("track_event", name="tap")
+    assert app.state is not None and app.state.last_command_at == T0 + 9
+
+
 # --------------------------------------------------------------------------------------------
 # App version
 

@@ -178,6 +178,8 @@ class Daemon:
     timer: tuple[float, float] | None = None  # (deadline, background_at)
     log: list[tuple[str, OutboundItem]] = field(default_factory=list)  # (command, item)
     uuids: count[int] = field(default_factory=lambda: count(1))
+    #: The app's last tracking command's time, kept here independently of the core.
+    last_command_at: float | None = None
 
     def ctx(self) -> Context:
         return Context(now=self.now, new_uuid=lambda: f"{next(self.uuids):08X}-AAAA-4AAA-8AAA-A")
@@ -332,13 +334,15 @@ def run_command(daemon: Daemon, document: dict[str, Any]) -> None:
                 # Back within the timeout, or the clock went backwards: the session goes on.
                 assert not [i for i in items if kind(i).startswith("session_")]
     if name == "app_foreground" and app.automatic_session_tracking and before is not None:
-        check_relaunch(before, items, app, document.get("timestamp", daemon.now))
+        check_relaunch(before, items, app, daemon, document.get("timestamp", daemon.now))
     if name == "anonymize" and before is not None and before.push_token is not None:
         # The token leaves the old customer (invalidated) and follows the new one.
         tokens = [i for i in items if i.event_type == "push_token"]
         assert [data(i)["customer_ids"]["cookie"] for i in tokens] == [before.cookie, cookie_after]
         assert [token_value(i) for i in tokens] == [None, before.push_token]
     daemon.apply(name, outcome)
+    if name != "get_customer":
+        daemon.last_command_at = document.get("timestamp", daemon.now)
 
 
 def token_value(item: OutboundItem) -> str | None:
@@ -406,18 +410,19 @@ def check_anonymize_routing(
 
 
 def check_relaunch(
-    before: AppState, items: list[OutboundItem], app: AppSettings, at: float
+    before: AppState, items: list[OutboundItem], app: AppSettings, daemon: Daemon, at: float
 ) -> None:
     """A foreground while already in the foreground: after a silent timeout the old session
     ends at the app's last tracking command and a new one starts; otherwise it continues."""
     if not (before.in_foreground and before.session == "active"):
         return
     sessions = [i for i in items if kind(i).startswith("session_")]
-    assert before.last_command_at is not None
-    if at - before.last_command_at >= app.session_timeout:
+    last = daemon.last_command_at
+    assert last is not None
+    if at - last >= app.session_timeout:
         assert [kind(i) for i in sessions] == ["session_end", "session_start"]
         assert before.session_started_at is not None
-        end = max(before.last_command_at, before.session_started_at)
+        end = max(last, before.session_started_at)
         assert data(sessions[0])["timestamp"] == end
         assert data(sessions[1])["timestamp"] == at
         event("relaunch: stale session ended")
