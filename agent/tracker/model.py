@@ -51,7 +51,8 @@ class ProjectCatalog:
     `named` are `[projects.<name>]` (and `default` for `[project]`), `configured` every
     project the config names anywhere (named, apps' own, mapping entries). `allowed` narrows
     what this app may switch to (`apps.<app>.projects`); None means every configured project.
-    The app's own configured project is always allowed, whatever `allowed` says.
+    The projects the app's config sends to (its project, its mapping's) are always allowed,
+    whatever `allowed` says.
     """
 
     named: Mapping[str, Project] = field(default_factory=dict)

@@ -39,25 +39,33 @@ def projects_for(category: str, state: AppState, settings: AppSettings) -> list[
 
 
 def routing(state: AppState, settings: AppSettings) -> Routing:
-    """Where the app sends now: its anonymize switch if it has one, else its config."""
+    """Where the app sends now: its anonymize switch if it has one, else its config. `state`
+    must come from `current_state()`, which keeps only switches to configured projects."""
     switch = state.project_switch
     if switch is None:
         return settings.project, settings.mapping
     mapping = {
-        category: tuple(
-            _by_key(target.project_token, target.base_url, settings) for target in targets
-        )
+        category: tuple(_by_key(target, settings) for target in targets)
         for category, targets in switch.mapping.items()
     }
-    return _by_key(switch.project_token, switch.base_url, settings), mapping
+    return _by_key(switch, settings), mapping
 
 
 def current_state(state: AppState | None, settings: AppSettings) -> AppState:
-    """The app's state with a switch dropped once the config's project or mapping changed:
-    an operator's config change wins over a choice an app made before it."""
+    """The app's state with its switch dropped once the config's project or mapping for the
+    app changed, or once the config no longer lets the app use a project of the switch
+    (removed, or left out of `apps.<app>.projects`): an operator's config change wins over a
+    choice an app made before it. (This also voids a switch an older version accepted to a
+    project the config never named.)"""
     state = state if state is not None else AppState()
     switch = state.project_switch
-    if switch is not None and switch.config_fingerprint != config_fingerprint(settings):
+    if switch is None:
+        return state
+    targets: list[ProjectSwitch | SwitchTarget] = [switch]
+    for entries in switch.mapping.values():
+        targets.extend(entries)
+    usable = all(allowed((t.base_url, t.project_token), settings) for t in targets)
+    if not usable or switch.config_fingerprint != config_fingerprint(settings):
         state = state.model_copy(update={"project_switch": None})
     return state
 
@@ -114,30 +122,30 @@ def resolve(ref: ProjectSpec | str, settings: AppSettings) -> Project:
         if found is None:
             raise Forbidden("project not configured: no configured project has that token and URL")
         project = found
-    if not allowed(project, settings):
+    if not allowed(project.key, settings):
         raise Forbidden("project not allowed for this app: it is not in apps.<app>.projects")
     return project
 
 
-def allowed(project: Project, settings: AppSettings) -> bool:
-    """Whether this app may switch to `project`: its own configured project always; others
-    when configured and, if `apps.<app>.projects` is set, listed there."""
-    if project.key == settings.project.key:
+def allowed(key: ProjectKey, settings: AppSettings) -> bool:
+    """Whether this app may switch to the project with this key: the projects its config
+    sends to (its project and its mapping's) always, so an anonymize that keeps the current
+    mapping is never refused for it; others when configured and, if `apps.<app>.projects` is
+    set, listed there."""
+    if key == settings.project.key or any(
+        key == project.key for projects in settings.mapping.values() for project in projects
+    ):
         return True
     catalog = settings.catalog
-    if project.key not in catalog.configured:
+    if key not in catalog.configured:
         return False
-    return catalog.allowed is None or project.key in catalog.allowed
+    return catalog.allowed is None or key in catalog.allowed
 
 
-def _by_key(project_token: str, base_url: str, settings: AppSettings) -> Project:
-    """The configured project with this key, credentials from the config. One that left the
-    config keeps its items queued without credentials (sync shows it as unconfigured)."""
-    key = (base_url, project_token)
-    if key == settings.project.key:
-        return settings.project
-    found = settings.catalog.configured.get(key)
-    return found if found is not None else Project(project_token, "", base_url)
+def _by_key(target: ProjectSwitch | SwitchTarget, settings: AppSettings) -> Project:
+    """The configured project a switch names, with the config's credentials."""
+    key = (target.base_url, target.project_token)
+    return settings.project if key == settings.project.key else settings.catalog.configured[key]
 
 
 def _mapping_keys(

@@ -23,6 +23,7 @@ from agent.tracker import (
     Outcome,
     Project,
     ProjectCatalog,
+    ProjectSwitch,
     config_fingerprint,
     expire_session,
     handle,
@@ -1167,6 +1168,18 @@ def test_apps_projects_narrow_what_an_app_may_choose() -> None:
     assert [i.project for i in outcome.items] == [MAIN, PAY]
 
 
+def test_the_projects_the_config_sends_to_are_always_allowed() -> None:
+    narrowed = replace(CATALOG, allowed=frozenset({NEW.key}))
+    app = installed_app(AppSettings(project=MAIN, mapping={"payment": (EU,)}, catalog=narrowed))
+    # A project alone keeps the config's mapping, whose project the list does not name.
+    app.send("anonymize", project="new")
+    assert [i.project for i in app.send("track_payment", item=payment_item()).items] == [NEW, EU]
+    outcome = app.send("anonymize", mapping={"install": ["eu", "default"]})
+    assert [i.project for i in outcome.items] == [NEW, EU, MAIN]
+    with pytest.raises(Forbidden):
+        app.send("anonymize", mapping={"install": ["pay"]})
+
+
 def test_the_apps_own_project_is_allowed_without_a_catalog() -> None:
     app = installed_app(AppSettings(project=EU))
     outcome = app.send("anonymize", project={"project_token": "eu-token", "base_url": EU.base_url})
@@ -1237,11 +1250,33 @@ def test_a_switch_stored_with_a_credential_by_an_older_version_loses_it() -> Non
     assert [i.project for i in items] == [NEW, PAY]
 
 
-def test_a_switched_project_that_left_the_config_keeps_its_items_without_credentials() -> None:
-    app = switched()
-    app.settings = replace(app.settings, catalog=ProjectCatalog(named={"default": MAIN}))
-    (item,) = app.send("track_event", name="e").items
-    assert item.project == Project("new-token", "")
+@pytest.mark.parametrize(
+    "catalog",
+    [
+        ProjectCatalog(named={"default": MAIN}, configured={MAIN.key: MAIN}),  # removed
+        replace(CATALOG, allowed=frozenset({PAY.key})),  # left out of apps.<app>.projects
+    ],
+)
+def test_a_switch_ends_when_the_config_no_longer_allows_its_projects(
+    catalog: ProjectCatalog,
+) -> None:
+    app = installed_app()
+    app.send("anonymize", mapping={"track_event": ["new"]})
+    app.settings = replace(app.settings, catalog=catalog)
+    assert [i.project for i in app.send("track_event", name="e").items] == [MAIN]
+    assert app.state is not None and app.state.project_switch is None
+
+
+def test_a_switch_an_older_version_made_to_any_project_is_void() -> None:
+    app = installed_app()
+    assert app.state is not None
+    rogue = ProjectSwitch(
+        project_token="main-token",
+        base_url="https://attacker.example",
+        config_fingerprint=config_fingerprint(app.settings),
+    )
+    app.state = app.state.model_copy(update={"project_switch": rogue})
+    assert [i.project for i in app.send("track_event", name="e").items] == [MAIN]
 
 
 def test_config_project_change_ends_the_switch() -> None:

@@ -301,6 +301,9 @@ def run_command(daemon: Daemon, document: dict[str, Any]) -> None:
     switch = outcome.state.project_switch
     if switch is not None:
         assert switch.config_fingerprint == config_fingerprint(app)
+        # Every project of a switch is one this app may use.
+        targets = [switch, *(t for entries in switch.mapping.values() for t in entries)]
+        assert all(usable((t.base_url, t.project_token), app) for t in targets)
     if name != "anonymize":
         main = switch.project_token if switch is not None else app.project.project_token
         assert all(group[0].project.project_token == main for group in _group(outcome.items))
@@ -365,18 +368,19 @@ def key_of(ref: Any) -> tuple[str, str] | None:
 
 def may_use(document: dict[str, Any], app: AppSettings) -> bool:
     """The rule written out independently of the core: configured, and allowed for this app
-    (its own project always)."""
+    (the projects its config sends to always)."""
     refs = [document["project"]] if "project" in document else []
     for entries in document.get("mapping", {}).values():
         refs.extend(entries)
+    return all(usable(key_of(ref), app) for ref in refs)
+
+
+def usable(key: tuple[str, str] | None, app: AppSettings) -> bool:
+    own = {app.project.key, *(p.key for projects in app.mapping.values() for p in projects)}
+    if key in own:
+        return True
     allowed = app.catalog.allowed
-    for ref in refs:
-        key = key_of(ref)
-        if key is None:
-            return False
-        if key != app.project.key and allowed is not None and key not in allowed:
-            return False
-    return True
+    return key in CATALOG.configured and (allowed is None or key in allowed)
 
 
 def mapping_keys(mapping: Any) -> dict[str, list[tuple[str, str]]]:
