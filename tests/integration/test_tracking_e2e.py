@@ -330,3 +330,24 @@ def test_manual_session_commands_while_automatic_are_invalid_state(agent: AgentP
     reply = agent.request({"command": "track_session_start"})
     assert reply["error"]["code"] == "invalid_state"
     assert agent.status()["queue"]["items"] == before
+
+
+def test_a_switch_ends_when_its_project_leaves_the_config(
+    make_agent: Any, api_stub: ApiStub
+) -> None:
+    agent = make_agent(
+        {
+            "project": api_project(api_stub),
+            "projects": {"second": api_project(api_stub, "proj-b")},
+            "sync": {"flush_mode": "manual"},
+        }
+    )
+    agent.start()
+    ok(agent, {"command": "anonymize", "project": "second"})
+    assert ok(agent, {"command": "get_customer"})["project_token"] == "proj-b"
+    del agent.config["projects"]
+    agent.reload()
+    assert ok(agent, {"command": "get_customer"})["project_token"] == "proj-a"
+    ok(agent, {"command": "track_event", "name": "after_reload"})
+    ok(agent, {"command": "flush", "wait": True})
+    assert "after_reload" in [e["event_type"] for e in events(api_stub, "proj-a")]
