@@ -177,10 +177,10 @@ def test_mapping_fans_out_and_apps_are_independent(make_agent: Any, api_stub: Ap
     assert [e["event_type"] for e in received].count("installation") == 2
 
 
-def test_anonymize_to_a_named_project_delivers_there_and_persists(
-    make_agent: Any, api_stub: ApiStub
-) -> None:
-    agent = make_agent(
+def two_projects_agent(make_agent: Any, api_stub: ApiStub) -> AgentProcess:
+    """A started agent sending to proj-a (`default`) that also knows proj-b as `second`;
+    uploads only on `flush`, so tests see exactly what went where."""
+    agent: AgentProcess = make_agent(
         {
             "project": api_project(api_stub),
             "projects": {"second": api_project(api_stub, "proj-b")},
@@ -188,6 +188,13 @@ def test_anonymize_to_a_named_project_delivers_there_and_persists(
         }
     )
     agent.start()
+    return agent
+
+
+def test_anonymize_to_a_named_project_delivers_there_and_persists(
+    make_agent: Any, api_stub: ApiStub
+) -> None:
+    agent = two_projects_agent(make_agent, api_stub)
     ok(agent, {"command": "set_default_properties", "properties": {"store": "S1"}})
     ok(agent, {"command": "track_event", "name": "before"})
     ok(agent, {"command": "anonymize", "project": "second"})
@@ -335,14 +342,7 @@ def test_manual_session_commands_while_automatic_are_invalid_state(agent: AgentP
 def test_a_switch_ends_when_its_project_leaves_the_config(
     make_agent: Any, api_stub: ApiStub
 ) -> None:
-    agent = make_agent(
-        {
-            "project": api_project(api_stub),
-            "projects": {"second": api_project(api_stub, "proj-b")},
-            "sync": {"flush_mode": "manual"},
-        }
-    )
-    agent.start()
+    agent = two_projects_agent(make_agent, api_stub)
     ok(agent, {"command": "anonymize", "project": "second"})
     assert ok(agent, {"command": "get_customer"})["project_token"] == "proj-b"
     del agent.config["projects"]
