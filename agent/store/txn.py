@@ -390,7 +390,7 @@ class Txn:
                 counters.held += 1
             else:
                 counters.add_sendable(project_id, 1, row_id)
-            self.enqueued_projects.add(project_id)
+                self.enqueued_projects.add(project_id)  # held rows wake no uploader
         if counters.items == 0:
             state.head_dirty = True
         counters.items += len(encoded)
