@@ -17,6 +17,8 @@
 # Environment:
 #   PYTHON    host interpreter for the build tools (default /usr/bin/python3); must be 3.11
 #   PIP_ARGS  extra pip options, e.g. "--no-index --find-links /srv/wheels" for offline builds
+#   DEB_VERSION  the package's version (default: the project's version in pyproject.toml),
+#             e.g. 0.2.0~rc1 for a test build that a later 0.2.0 must upgrade
 set -euo pipefail
 
 usage() {
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --arch) [ $# -ge 2 ] || usage; ARCH=$2; shift 2 ;;
     --arch=*) ARCH=${1#--arch=}; shift ;;
-    -h | --help) sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,22s/^# \{0,1\}//p' "$0"; exit 0 ;;
     -*) usage ;;
     *) [ -z "$OUTARG" ] || usage; OUTARG=$1; shift ;;
     esac
@@ -66,12 +68,12 @@ if [ "$HOSTVER" != "$PYVER" ]; then
     exit 1
 fi
 
-VERSION=$("$PYTHON" - "$SRC/pyproject.toml" <<'PY'
+VERSION=${DEB_VERSION:-$("$PYTHON" - "$SRC/pyproject.toml" <<'PY'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     print(tomllib.load(f)["project"]["version"])
 PY
-)
+)}
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
