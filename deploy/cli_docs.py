@@ -36,7 +36,9 @@ EXIT_CODES = [
 ]
 
 
-def subcommands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str, argparse.ArgumentParser]]:
+def subcommands(
+    parser: argparse.ArgumentParser,
+) -> Iterator[tuple[str, str, argparse.ArgumentParser]]:
     """(name, one-line help, parser) of each verb, in the order the parser lists them."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -49,7 +51,9 @@ def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [
         a
         for a in parser._actions
-        if a.option_strings and a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
+        if a.option_strings
+        and a.help is not argparse.SUPPRESS
+        and not isinstance(a, argparse._HelpAction)
     ]
 
 
@@ -189,21 +193,21 @@ def completion() -> str:
         actions = list(subcommands(sub))
         if actions:
             inner = "\n".join(
-                f"            {action}) opts=\"{words(action_parser)}\" ;;"
+                f'            {action}) opts="{words(action_parser)}" ;;'
                 for action, _, action_parser in actions
             )
             names = " ".join(action for action, _, _ in actions)
             cases.append(
                 f"        {name})\n"
                 f'            if [[ -z $sub ]]; then opts="{names} {words(sub)}"; else\n'
-                f'            case $sub in\n{inner}\n            esac; fi ;;'
+                f"            case $sub in\n{inner}\n            esac; fi ;;"
             )
         else:
             cases.append(f'        {name}) opts="{words(sub)}" ;;')
     takes = sorted(value_options(parser, set()))
     paths = "--config|--socket"
     others = "|".join(o for o in takes if o not in ("--config", "--socket"))
-    return f"""# bash completion for {PROG}; generated from its argument parser by deploy/cli_docs.py.
+    return f"""# bash completion for {PROG}, generated from its parser by deploy/cli_docs.py.
 _engagement_agent() {{
     local cur prev words cword
     _init_completion || return

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.fixtures.daemon import wait_for
@@ -35,7 +35,7 @@ class Peer:
         broker: ShippedBroker,
         user: str | None,
         password: str = PASSWORD,
-        protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
     ) -> None:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connect_result: list[ReasonCode] = []
@@ -45,7 +45,9 @@ class Peer:
         )
         if user is not None:
             self.client.username_pw_set(user, password)
-        self.client.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, msg.payload))
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(
+            (msg.topic, bytes(msg.payload))
+        )
         self.client.on_connect = lambda _c, _u, _f, rc, _p: self.connect_result.append(rc)
         self.client.on_subscribe = lambda _c, _u, _m, rcs, _p: self.granted.append(list(rcs))
         self.client.connect("127.0.0.1", broker.port, keepalive=30)
@@ -165,7 +167,7 @@ def test_oversized_packet_refused_by_the_broker(
     clients are not told the limit: the broker itself drops the packet and the connection."""
     agent = peers["_agent"]
     agent.subscribe(f"engagement/{DEVICE}/+/command")
-    sender = Peer(broker, "kiosk-ui", protocol=mqtt.MQTTv311)
+    sender = Peer(broker, "kiosk-ui", protocol=MQTTProtocolVersion.MQTTv311)
     try:
         topic = CMD.format(device=DEVICE, app="kiosk-ui")
         fits = b"x" * 65536
