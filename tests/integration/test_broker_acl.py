@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.fixtures.daemon import wait_for
-from tests.fixtures.shipped_broker import PASSWORD, SHIPPED, ShippedBroker
+from tests.fixtures.shipped_broker import PASSWORD, SHIPPED, ShippedBroker, running_broker
 
 DEVICE = "kiosk-042"
 CMD = "engagement/{device}/{app}/command"
@@ -77,14 +77,8 @@ class Peer:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[ShippedBroker]:
-    directory = tmp_path / "broker"
-    directory.mkdir()
-    broker = ShippedBroker(directory, accounts=("_agent", "_fleet", "kiosk-ui", "pos"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    with running_broker(tmp_path, ("_agent", "_fleet", "kiosk-ui", "pos")) as started:
+        yield started
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import pytest
 from agent.apistub import ApiStub
 from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess
-from tests.fixtures.shipped_broker import PASSWORD, ShippedBroker
+from tests.fixtures.shipped_broker import PASSWORD, ShippedBroker, running_broker
 
 DEVICE = "kiosk-042"
 APP = "kiosk-ui"
@@ -143,14 +143,8 @@ class PageServer:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[ShippedBroker]:
-    directory = tmp_path / "broker"
-    directory.mkdir()
-    broker = ShippedBroker(directory, accounts=("_agent", APP, "pos"))
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    with running_broker(tmp_path, ("_agent", APP, "pos")) as started:
+        yield started
 
 
 def test_page_in_chromium_reaches_the_api_as_its_app(
