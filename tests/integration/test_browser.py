@@ -25,8 +25,7 @@ from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub
-from tests.fixtures.api import api_project
+from tests.fixtures.api import ApiStub, api_project
 from tests.fixtures.daemon import AgentProcess
 from tests.fixtures.shipped_broker import PASSWORD, ShippedBroker, running_broker
 

@@ -30,8 +30,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-from agent.apistub import ApiStub
-from tests.fixtures.api import api_project
+from tests.fixtures.api import ApiStub, api_project
 from tests.fixtures.daemon import SocketClient, to_toml, wait_for
 from tests.fixtures.debian import REPO, build_deb, in_chroot, unit_settings
 

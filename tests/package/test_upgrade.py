@@ -27,8 +27,7 @@ from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub
-from tests.fixtures.api import API_PROJECTS
+from tests.fixtures.api import API_PROJECTS, ApiStub
 from tests.fixtures.daemon import SocketClient, to_toml, wait_for
 from tests.fixtures.debian import PREFIX, REPO, build_deb, dpkg, field, scratch_root
 from tests.fixtures.mosquitto import free_port
