@@ -11,6 +11,7 @@ import argparse
 import marshal
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -329,3 +330,42 @@ def test_ansible_template_renders_a_valid_config(tmp_path: Path) -> None:
     assert kiosk is not None and kiosk.allowed_uids == [1001] and kiosk.session_timeout == 30
     assert config.apps.defaults.default_properties["floors"] == [1, 2]
     assert set(config.apps.named()) == {"kiosk-ui", "pos.v2"}
+
+
+def test_missing_wheel_for_the_target_is_named(tmp_path: Path) -> None:
+    """A compiled dependency with a wheel for the host but none for the target stops the
+    cross-build with a message naming it (a tree that depends on a made-up `fakeext`)."""
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    tag = "cp311-cp311-manylinux_2_17_x86_64"
+    with zipfile.ZipFile(wheels / f"fakeext-1.0-{tag}.whl", "w") as whl:
+        whl.writestr("fakeext/__init__.py", "")
+        metadata = "Metadata-Version: 2.1\nName: fakeext\nVersion: 1.0\n"
+        whl.writestr("fakeext-1.0.dist-info/METADATA", metadata)
+        whl.writestr(
+            "fakeext-1.0.dist-info/WHEEL",
+            f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: {tag}\n",
+        )
+        whl.writestr("fakeext-1.0.dist-info/RECORD", "")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("agent", "deploy", "systemd"):
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (tree / "pyproject.toml").write_text(
+        pyproject.replace("dependencies = [\n", 'dependencies = [\n    "fakeext",\n', 1)
+    )
+    result = subprocess.run(
+        [str(tree / "deploy/build-deb.sh"), "--arch", "arm64", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PIP_ARGS": f"--find-links {wheels}"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "no arm64 (aarch64, CPython 3.11) wheel on the package index for: fakeext" in (
+        result.stderr
+    ), result.stderr[-3000:]
+    assert not list((tmp_path / "out").glob("*.deb"))
