@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def arm64_root() -> Path:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert os.geteuid() == 0, "the ARM smoke test needs root (chroot, mount, binfmt_misc)"
     for tool in ("unshare", "chroot", "debootstrap", "/usr/bin/qemu-aarch64-static"):
         assert shutil.which(tool), f"{tool} missing: apt-get install qemu-user-static debootstrap"
@@ -96,7 +97,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return copy
+    yield copy
+    shutil.rmtree(copy)  # about 400 MB; the cached root stays
 
 
 def test_arm64_package_runs_the_agent(root: Path, api_stub: ApiStub) -> None:
