@@ -84,13 +84,12 @@ SITE=$VENV/lib/python$PYVER/site-packages
 echo "build-deb.sh: $PKG $VERSION for $ARCH (python$PYVER, $WHEEL_ARCH wheels)" >&2
 
 # A clean copy of the runtime sources, so the build leaves nothing (build/, *.egg-info) in the
-# tree. The API stand-in is a developer tool: neither agent/apistub.py (before it moved) nor
-# the agent_devtools package, nor its console script, goes into the package.
+# tree. Only the runtime package `agent`: the API stand-in (the agent_devtools package and its
+# console script engagement-api-stub) is a developer tool and stays out.
 mkdir -p "$WORK/src"
 grep -v '^engagement-api-stub *=' "$SRC/pyproject.toml" >"$WORK/src/pyproject.toml"
 if [ -f "$SRC/README.md" ]; then cp "$SRC/README.md" "$WORK/src/"; else : >"$WORK/src/README.md"; fi
 cp -r "$SRC/agent" "$WORK/src/agent"
-rm -f "$WORK/src/agent/apistub.py"
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 
 # Build tools in a throw-away venv on the host. Every dependency as a wheel for the host:
