@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.api import ApiStub, api_project
+from agent_devtools.apistub import ApiStub
+from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess
 from tests.fixtures.shipped_broker import PASSWORD, ShippedBroker, running_broker
 

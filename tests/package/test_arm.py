@@ -1,16 +1,16 @@
-"""The arm64 package on an arm64 Debian 12, under emulation (qemu-user-static + binfmt_misc):
-built here with `deploy/build-deb.sh --arch arm64`, installed with dpkg in a debootstrapped
-arm64 root, the agent started the way the unit starts it (its ExecStart= as its User=, the
-shipped config pointed at the API stand-in on the host), one command over the socket reaches
-the stand-in, and SIGTERM stops it with exit 0.
+"""The ARM packages on ARM Debian 12 roots, under emulation (qemu-user-static + binfmt_misc):
+built here with `deploy/build-deb.sh --arch arm64` (and `armhf`), installed with dpkg in a
+debootstrapped root of that architecture, the agent started the way the unit starts it (its
+ExecStart= as its User=, the shipped config pointed at the API stand-in on the host), one
+command over the socket reaches the stand-in, and SIGTERM stops it with exit 0.
 
-Slow (a few minutes; docs/deploy.md has the measured time), so it runs only when asked:
+Slow (docs/deploy.md has the measured time), so it runs only when asked:
 
-    ./test.sh -m arm tests/package/test_arm.py
+    ./test.sh -m arm tests/package/test_arm.py            (-k arm64 for one architecture)
 
-Needs root, qemu-user-static, binfmt-support and debootstrap (apt-get install). The arm64 root
-is debootstrapped once into ENGAGEMENT_AGENT_ARM_ROOT (default
-/var/cache/engagement-agent-test/bookworm-arm64, outside the repository) and copied per run.
+Needs root, qemu-user-static, binfmt-support and debootstrap (apt-get install). Each root is
+debootstrapped once into $ENGAGEMENT_AGENT_TEST_CACHE/bookworm-<arch> (default
+/var/cache/engagement-agent-test, outside the repository) and copied per run.
 """
 
 from __future__ import annotations
@@ -31,40 +31,43 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-from tests.fixtures.api import ApiStub, api_project
+from agent_devtools.apistub import ApiStub
+from tests.fixtures.api import api_project
 from tests.fixtures.daemon import SocketClient, to_toml, wait_for
 from tests.fixtures.debian import REPO, build_deb, in_chroot, unit_settings
 
 pytestmark = pytest.mark.arm
 
-CACHE = Path(
-    os.environ.get("ENGAGEMENT_AGENT_ARM_ROOT", "/var/cache/engagement-agent-test/bookworm-arm64")
-)
+CACHE = Path(os.environ.get("ENGAGEMENT_AGENT_TEST_CACHE", "/var/cache/engagement-agent-test"))
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
+#: Debian architecture -> (qemu's binfmt_misc handler, what uname says under it).
+ARCHES = {"arm64": ("qemu-aarch64", "aarch64"), "armhf": ("qemu-arm", "armv7l")}
 
 
-def register_qemu_aarch64() -> None:
-    """binfmt_misc runs arm64 ELF files through qemu-aarch64 (Debian's qemu-user-static)."""
+def register_qemu(handler: str) -> None:
+    """binfmt_misc runs the architecture's ELF files through qemu (Debian's qemu-user-static),
+    registered from the rule Debian ships in /usr/lib/binfmt.d/ if it is not yet."""
     if not (BINFMT / "register").exists():
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], check=True)
-    if not (BINFMT / "qemu-aarch64").exists():
-        rule = Path("/usr/lib/binfmt.d/qemu-aarch64.conf").read_text()
+    if not (BINFMT / handler).exists():
+        rule = Path(f"/usr/lib/binfmt.d/{handler}.conf").read_text()
         line = next(x for x in rule.splitlines() if x.startswith(":"))
         (BINFMT / "register").write_text(line)
-    assert "enabled" in (BINFMT / "qemu-aarch64").read_text()
+    assert "enabled" in (BINFMT / handler).read_text()
 
 
-def arm64_root() -> Path:
-    """The cached debootstrapped Debian 12 arm64 root (made once, about 2 min)."""
-    if not (CACHE / "usr/bin/python3.11").exists():
-        partial = CACHE.with_name(CACHE.name + ".partial")
+def debian_root(arch: str) -> Path:
+    """The cached debootstrapped Debian 12 root of `arch` (made once, about 2 min)."""
+    cached = CACHE / f"bookworm-{arch}"
+    if not (cached / "usr/bin/python3.11").exists():
+        partial = cached.with_name(cached.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [
                 "debootstrap",
-                "--arch=arm64",
+                f"--arch={arch}",
                 "--variant=minbase",
                 "--include=python3,systemd",
                 "bookworm",
@@ -75,20 +78,24 @@ def arm64_root() -> Path:
             capture_output=True,
             timeout=1800,
         )
-        partial.rename(CACHE)
-    return CACHE
+        partial.rename(cached)
+    return cached
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+@pytest.fixture(scope="module", params=sorted(ARCHES))
+def root(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """A copy of the cached root with this tree's package installed by dpkg."""
+    arch: str = request.param
     assert os.geteuid() == 0, "the ARM smoke test needs root (chroot, mount, binfmt_misc)"
-    for tool in ("unshare", "chroot", "debootstrap", "/usr/bin/qemu-aarch64-static"):
+    for tool in ("unshare", "chroot", "debootstrap", f"/usr/bin/{ARCHES[arch][0]}-static"):
         assert shutil.which(tool), f"{tool} missing: apt-get install qemu-user-static debootstrap"
-    register_qemu_aarch64()
-    work = tmp_path_factory.mktemp("arm")
+    register_qemu(ARCHES[arch][0])
+    work = tmp_path_factory.mktemp(arch)
     copy = work / "root"
-    subprocess.run(["cp", "-a", str(arm64_root()), str(copy)], check=True)
-    deb = build_deb(REPO, work, arch="arm64")
+    subprocess.run(["cp", "-a", str(debian_root(arch)), str(copy)], check=True)
+    deb = build_deb(REPO, work, arch=arch)
     shutil.copy(deb, copy / "tmp" / deb.name)
     result = subprocess.run(
         in_chroot(copy, ["dpkg", "-i", f"/tmp/{deb.name}"]),
@@ -101,11 +108,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.rmtree(copy)  # about 400 MB; the cached root stays
 
 
-def test_arm64_package_runs_the_agent(root: Path, api_stub: ApiStub) -> None:
+def test_package_runs_the_agent(root: Path, api_stub: ApiStub) -> None:
     arch = subprocess.run(
         in_chroot(root, ["dpkg", "--print-architecture"]), capture_output=True, text=True
-    )
-    assert arch.stdout.strip() == "arm64"
+    ).stdout.strip()
+    assert arch in ARCHES
     machine = subprocess.run(
         in_chroot(
             root,
@@ -115,7 +122,7 @@ def test_arm64_package_runs_the_agent(root: Path, api_stub: ApiStub) -> None:
         text=True,
         timeout=300,
     )
-    assert machine.stdout.strip() == "aarch64", machine.stderr
+    assert machine.stdout.strip() == ARCHES[arch][1], machine.stderr
 
     # The shipped config, pointed at the stand-in on the host (same network namespace), with
     # one app listed (the package allows no unknown apps) and no broker.
@@ -158,7 +165,7 @@ def test_arm64_package_runs_the_agent(root: Path, api_stub: ApiStub) -> None:
             return probe.connect_ex(str(sock)) == 0
 
     try:
-        wait_for(listening, 300, "the arm64 agent's socket")
+        wait_for(listening, 300, f"the {arch} agent's socket")
         assert sock.stat().st_gid == gid  # the clients group, via the setgid directory
         with SocketClient(sock, timeout=120) as client:
             reply = client.request(

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.api import API_PROJECTS, ApiStub
+from agent_devtools.apistub import ApiStub
+from tests.fixtures.api import API_PROJECTS
 from tests.fixtures.daemon import SocketClient, to_toml, wait_for
 from tests.fixtures.debian import PREFIX, REPO, build_deb, dpkg, field, scratch_root
 from tests.fixtures.mosquitto import free_port
