@@ -249,7 +249,7 @@ Maintainer: engagement-agent maintainers <engagement-agent@users.noreply.github.
 Section: net
 Priority: optional
 Depends: python$PYVER, libc6, systemd (>= 247), init-system-helpers (>= 1.52)
-Suggests: mosquitto
+Suggests: mosquitto, bash-completion
 Installed-Size: $(du -sk --exclude=DEBIAN "$ROOT" | cut -f1)
 Homepage: https://github.com/engagement-agent/engagement-agent
 Description: durable Bloomreach Engagement tracking agent for edge devices
