@@ -1,7 +1,8 @@
 """Upgrades keep everything: the previous release's package (built by its own
 deploy/build-deb.sh from commit fd56f82) is installed with dpkg into a scratch root, its agent
-accepts commands while the API is down and stops; the package is upgraded to this tree's
-(dpkg -i, the admin's config kept as unattended upgrades keep it), the new agent opens the same
+accepts commands while the API is down; the package is upgraded to this tree's under the
+running agent (dpkg -i, the admin's config kept as unattended upgrades keep it), which takes
+more commands until it is restarted on the new code; the new agent opens the same
 database (migrating its schema if this release has a newer one), and every acknowledged
 command reaches the API; the app's cookie, customer ids, session, push token and default
 properties survive. Then a downgrade: if this release's schema is newer, the older agent
@@ -195,14 +196,21 @@ def test_upgrade_keeps_queue_and_app_state_and_downgrade_is_refused(
     token_time = status["apps"][APP]["push_token_tracked_at"]
     assert token_time is not None
     assert status["queue"]["items"] >= len(acked)
-    agent.stop()
     old_schema = agent_schema(root)
 
-    # Upgrade. The agent is stopped here; on a device postinst restarts it (try-restart).
+    # Upgrade as on a device: dpkg replaces the files under the running agent (prerm does not
+    # stop it), which keeps taking commands until postinst restarts it (try-restart; without
+    # systemd here, the test restarts it).
     result = dpkg(root, *UPGRADE, "-i", str(new_deb))
     assert result.returncode == 0, result.stderr
     assert f"Version: {field(new_deb, 'Version')}" in dpkg(root, "-s", "engagement-agent").stdout
     assert config_path.read_text() == to_toml(config), "the admin's config must be kept"
+    for seq in range(20, 25):
+        event = {"command": "track_event", "name": "queued", "properties": {"seq": seq}}
+        reply = agent.request(event)
+        assert reply["ok"], reply
+        acked.append(seq)
+    agent.stop()
 
     api = ApiStub("127.0.0.1", api_port, API_PROJECTS)
     api.start()
