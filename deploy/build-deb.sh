@@ -130,7 +130,7 @@ rm -f "$WORK"/target/pip-*.whl "$WORK"/target/setuptools-*.whl
 "${PIP[@]}" install --quiet --no-index --no-deps --no-compile --only-binary=:all: \
     "${PLATFORMS[@]}" --python-version "$PYVER" --implementation cp \
     --abi "cp${PYVER/./}" --abi abi3 --abi none --target "$SITE" "$WORK"/target/*.whl
-rm -rf "$SITE/bin"
+rm -rf "${SITE:?}/bin"
 mkdir -p "$VENV/bin"
 ln -s "/usr/bin/python$PYVER" "$VENV/bin/python3"
 ln -s python3 "$VENV/bin/python"
