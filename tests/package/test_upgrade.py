@@ -136,7 +136,13 @@ def agent_schema(root: Path) -> int:
     """SCHEMA_VERSION of the agent installed in `root`, asked of that agent's own code."""
     venv = root / PREFIX
     result = subprocess.run(
-        [str(venv / "bin/python"), "-c", "from agent.store import SCHEMA_VERSION as v; print(v)"],
+        # -I: not the checkout's `agent` from the working directory, the installed one.
+        [
+            str(venv / "bin/python"),
+            "-I",
+            "-c",
+            "from agent.store import SCHEMA_VERSION; print(SCHEMA_VERSION)",
+        ],
         capture_output=True,
         text=True,
         check=True,
