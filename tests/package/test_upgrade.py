@@ -92,11 +92,15 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("packages")
     old_tree = work / "previous"
     old_tree.mkdir()
-    archive = subprocess.run(
+    result = subprocess.run(
         ["git", "-C", str(REPO), "archive", "--format=tar", PREVIOUS_RELEASE],
         capture_output=True,
-        check=True,
-    ).stdout
+    )
+    assert result.returncode == 0, (
+        f"the previous release's commit {PREVIOUS_RELEASE} must be in the repository's history "
+        f"(not a shallow clone): {result.stderr.decode(errors='replace')}"
+    )
+    archive = result.stdout
     archive_path = work / "previous.tar"
     archive_path.write_bytes(archive)
     with tarfile.open(archive_path) as tar:
