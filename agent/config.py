@@ -250,6 +250,8 @@ class MqttConfig(_Section):
         return value
 
 
+#: Upper bound of `socket.max_connections`; the unit's `LimitNOFILE=` has room for it.
+MAX_SOCKET_CONNECTIONS = 1024
 #: Cap on `socket.max_connections_per_uid × socket.max_pending_reply_bytes`.
 MAX_OWED_REPLY_BYTES_PER_UID = 32 * 1024 * 1024
 
@@ -259,10 +261,10 @@ class SocketConfig(_Section):
     #: Octal permission bits as a string ("0660"); kept a string so TOML and env agree on base.
     mode: str = "0660"
     #: Connections from non-privileged peers; root and the agent's user get a few more
-    #: (docs/configuration.md). Each is a file descriptor: `LimitNOFILE=` leaves room for 1024.
-    max_connections: Annotated[int, Field(ge=1, le=1024)] = 256
+    #: (docs/configuration.md). Each is a file descriptor (the unit's `LimitNOFILE=`).
+    max_connections: Annotated[int, Field(ge=1, le=MAX_SOCKET_CONNECTIONS)] = 256
     #: Per peer uid (SO_PEERCRED), so one local account cannot take every slot.
-    max_connections_per_uid: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_connections_per_uid: Annotated[int, Field(ge=1, le=MAX_SOCKET_CONNECTIONS)] = 32
     #: Seconds a connection may stay open while the agent owes it nothing.
     idle_timeout: Annotated[float, Field(ge=1.0, le=86400.0)] = 300.0
     #: Replies a client may leave unread before the agent stops reading from it.

@@ -53,6 +53,8 @@ MAX_QUERIES_IN_FLIGHT = 16
 MAX_PENDING_BYTES = 1024 * 1024
 #: Slots beyond `socket.max_connections` that only root and the agent's own user may take.
 RESERVED_CONNECTIONS = 8
+#: Connects the kernel queues for us to accept; a burst of refused ones holds a descriptor each.
+LISTEN_BACKLOG = 256
 _PEERCRED = struct.Struct("3i")
 
 
@@ -479,7 +481,7 @@ class SocketServer:
             finally:
                 os.umask(old_umask)
             os.chmod(self.path, self.mode)
-            listener.listen(256)
+            listener.listen(LISTEN_BACKLOG)
         except OSError:
             listener.close()
             raise
