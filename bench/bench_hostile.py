@@ -18,6 +18,7 @@ connection (nothing writable for 3 s). Growth = `VmHWM` (peak RSS) after the att
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -50,15 +51,17 @@ def _memory_kib(pid: int, field: str) -> int:
 def _pipeline() -> bytes:
     """One round of the hostile mix; repeated on every connection."""
     big = json.dumps(
-        {"command": "track_event", "name": "x", "properties": {f"k{i}": i for i in range(5500)}}
+        {"command": "track_event", "name": "x", "properties": {f"k{i}": i for i in range(4400)}}
     )
     status = b'{"command": "status"}\n'
     invalid = b'{"command": "track_event", "name": 1, "properties": [], "extra": true}\n'
     return status * 200 + (big.encode() + b"\n") * 2 + invalid * 50
 
 
-def client(path: str, uid: int | None) -> None:
-    """The hostile process: connect, push until the agent stops reading, hold, exit on EOF."""
+def client(path: str, uid: int | None, seconds: float) -> None:
+    """The hostile process: connect, push until the agent stops reading (or `seconds` pass:
+    tracking commands keep being committed, so their connections never stall), hold, exit on
+    EOF."""
     if uid is not None:
         os.setgroups([])
         os.setgid(uid)
@@ -81,7 +84,8 @@ def client(path: str, uid: int | None) -> None:
     chunk = _pipeline()
     offset = {sock: 0 for sock in admitted}
     sent = 0
-    while True:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         _, writable, _ = select.select([], admitted, [], 3.0)
         if not writable:
             break
@@ -98,19 +102,19 @@ def client(path: str, uid: int | None) -> None:
             sent += n
     partial = b'{"command": "track_event", "name": "' + b"y" * 60000
     for sock in admitted:
-        try:
+        with contextlib.suppress(OSError):
             sock.send(partial)
-        except OSError:
-            pass
     print(json.dumps({"admitted": len(admitted), "sent": sent}), flush=True)
     sys.stdin.readline()
 
 
-def attack(apps: int) -> dict[str, float]:
+def attack(apps: int, seconds: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)  # the hostile user must reach the socket
-        config = daemon_config(workdir, extra={"socket": {"mode": "0666"}})
+        # The default queue cap: the attack's events fill it, the oldest are dropped.
+        extra = {"socket": {"mode": "0666"}, "queue": {"max_bytes": 104857600}}
+        config = daemon_config(workdir, extra=extra)
         agent = AgentProcess(workdir, config)
         agent.start()
         try:
@@ -128,6 +132,7 @@ def attack(apps: int) -> dict[str, float]:
             started = time.monotonic()
             hostile = subprocess.Popen(
                 [sys.executable, __file__, "--client", str(agent.socket_path)]
+                + ["--seconds", str(seconds)]
                 + (["--uid", str(uid)] if uid is not None else []),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -164,12 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="write the rows to this file")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--uid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=30.0, help="longest attack (30 s)")
     args = parser.parse_args(argv)
     if args.client:
-        client(args.client, args.uid)
+        client(args.client, args.uid, args.seconds)
         return
     rounds = args.rounds or (1 if args.quick else 3)
-    results = [attack(64) for _ in range(rounds)]
+    results = [attack(64, args.seconds) for _ in range(rounds)]
     for r in results:
         print(
             f"  before {r['before_mib']:.1f} MiB, peak {r['peak_mib']:.1f} MiB, after "
