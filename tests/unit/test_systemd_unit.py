@@ -129,8 +129,8 @@ def test_resource_limits_leave_room_for_the_documented_peaks() -> None:
     unit = settings(UNIT.read_text())
     mib = 1024 * 1024
     # RSS with a 1,000,000-item backlog (~70 MiB, docs/benchmarks.md), the 64 MB a hostile
-    # client may cost (docs/security.md), the reload CLI in the same cgroup (~40 MiB).
-    assert _bytes(unit["MemoryMax"][0]) >= 70 * mib + 64 * 1000 * 1000 + 40 * mib
+    # client may cost (docs/security.md), the reload CLI in the same cgroup (~35 MiB).
+    assert _bytes(unit["MemoryMax"][0]) >= 70 * mib + 64 * 1000 * 1000 + 35 * mib
     # About ten threads of our own plus one upload thread per project: room for dozens.
     assert int(unit["TasksMax"][0]) >= 10 + 32
     # Every allowed connection, the reserved ones, a burst of refused connects, the rest.
