@@ -66,7 +66,8 @@ class Dispatcher(Protocol):
     it must run them in that order, each on its own (one refused command fails only itself),
     and call `done(replies)` once, on the event loop, after all of them are committed or
     refused. Any other accepted command runs with `run_one`, which must wait for `turn` (set
-    once every earlier reply of its connection is out) before it does anything.
+    once every earlier reply of its connection is out and the client reads its replies)
+    before it does anything.
     """
 
     def prepare(self, line: bytes, origin: Origin) -> Reply | Accepted: ...
