@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         client(args.client, args.uid, args.seconds)
         return
     rounds = args.rounds or (1 if args.quick else 3)
-    results = [attack(64, args.seconds) for _ in range(rounds)]
+    results = [attack(63, args.seconds) for _ in range(rounds)]
     for r in results:
         print(
             f"  before {r['before_mib']:.1f} MiB, peak {r['peak_mib']:.1f} MiB, after "
