@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from agent.ipc import MAX_PENDING_BYTES
-from tests.fixtures.daemon import REPO, AgentProcess, wait_for
+from tests.fixtures.daemon import AgentProcess, cli, wait_for
 
 NOBODY = 65534
 OTHER_USER = 65533
@@ -102,16 +102,6 @@ def connections_as(uid: int, path: Path, count: int) -> Iterator[dict[str, Any]]
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(30)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @needs_root
