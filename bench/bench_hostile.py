@@ -1,7 +1,8 @@
 """Memory growth of the agent under the worst socket client we could write.
 
-    python3 bench/bench_hostile.py              # ~1 minute
-    python3 bench/bench_hostile.py --quick      # fewer apps, one round
+    python3 bench/bench_hostile.py                  # 3 rounds, ~1 minute
+    python3 bench/bench_hostile.py --quick          # one round
+    python3 bench/bench_hostile.py --mix tracking   # only the 60 KB events (30 s each)
     python3 bench/bench_hostile.py --json out.json
 
 The real daemon (`python3 -m agent.cli run`) with the default socket limits and 64 apps with
@@ -11,9 +12,9 @@ slots): it opens 64 connections (32 get in, `socket.max_connections_per_uid`) an
 each, never reading a reply, a mix of `status` (the largest reply), tracking commands of
 ~60 KB with thousands of small properties (the most memory per parsed byte), invalid lines
 (an error reply each) and finally a partial line, until the agent has stopped reading every
-connection (nothing writable for 3 s). Growth = `VmHWM` (peak RSS) after the attack −
-`VmRSS` before, from /proc/<pid>/status. Target: ≤ 64 MB (docs/security.md).
-"""
+connection (nothing writable for 3 s) or `--seconds` (30) passed: tracking commands keep being
+committed, so a connection sending only those stalls late. Growth = `VmHWM` (peak RSS) after
+the attack − `VmRSS` before, from /proc/<pid>/status. Target: ≤ 64 MB (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -48,17 +49,19 @@ def _memory_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def _pipeline() -> bytes:
+def _pipeline(mix: str) -> bytes:
     """One round of the hostile mix; repeated on every connection."""
     big = json.dumps(
         {"command": "track_event", "name": "x", "properties": {f"k{i}": i for i in range(4400)}}
-    )
+    ).encode()
     status = b'{"command": "status"}\n'
     invalid = b'{"command": "track_event", "name": 1, "properties": [], "extra": true}\n'
-    return status * 200 + (big.encode() + b"\n") * 2 + invalid * 50
+    if mix == "tracking":
+        return (big + b"\n") * 4
+    return status * 200 + (big + b"\n") * 2 + invalid * 50
 
 
-def client(path: str, uid: int | None, seconds: float) -> None:
+def client(path: str, uid: int | None, seconds: float, mix: str) -> None:
     """The hostile process: connect, push until the agent stops reading (or `seconds` pass:
     tracking commands keep being committed, so their connections never stall), hold, exit on
     EOF."""
@@ -81,7 +84,7 @@ def client(path: str, uid: int | None, seconds: float) -> None:
         else:
             sock.setblocking(False)
             admitted.append(sock)
-    chunk = _pipeline()
+    chunk = _pipeline(mix)
     offset = {sock: 0 for sock in admitted}
     sent = 0
     deadline = time.monotonic() + seconds
@@ -108,7 +111,7 @@ def client(path: str, uid: int | None, seconds: float) -> None:
     sys.stdin.readline()
 
 
-def attack(apps: int, seconds: float) -> dict[str, float]:
+def attack(apps: int, seconds: float, mix: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)  # the hostile user must reach the socket
@@ -134,7 +137,7 @@ def attack(apps: int, seconds: float) -> dict[str, float]:
             started = time.monotonic()
             hostile = subprocess.Popen(
                 [sys.executable, __file__, "--client", str(agent.socket_path)]
-                + ["--seconds", str(seconds)]
+                + ["--seconds", str(seconds), "--mix", mix]
                 + (["--uid", str(uid)] if uid is not None else []),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -172,12 +175,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--uid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=30.0, help="longest attack (30 s)")
+    parser.add_argument(
+        "--mix",
+        choices=("all", "tracking"),
+        default="all",
+        help="all: status, 60 KB events, invalid lines; tracking: only the 60 KB events",
+    )
     args = parser.parse_args(argv)
     if args.client:
-        client(args.client, args.uid, args.seconds)
+        client(args.client, args.uid, args.seconds, args.mix)
         return
     rounds = args.rounds or (1 if args.quick else 3)
-    results = [attack(64, args.seconds) for _ in range(rounds)]
+    results = [attack(64, args.seconds, args.mix) for _ in range(rounds)]
     for r in results:
         print(
             f"  before {r['before_mib']:.1f} MiB, peak {r['peak_mib']:.1f} MiB, after "
@@ -188,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     first = results[0]
     rows = [
         make_row(
-            "hostile socket client: RSS growth (32 non-reading connections of one user)",
+            "hostile socket client: RSS growth (32 non-reading connections of one user)"
+            + (", only 60 KB events" if args.mix == "tracking" else ""),
             [r["growth_mb"] for r in results],
             "MB",
             target=TARGET_MB,
