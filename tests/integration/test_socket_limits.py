@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 
 from agent.ipc import MAX_PENDING_BYTES
+from agent_devtools.apistub import ApiStub
+from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, cli, wait_for
 
 NOBODY = 65534
@@ -156,6 +158,26 @@ def test_an_idle_connection_is_closed_after_idle_timeout(make_agent: Any) -> Non
         _wait_closed_by_agent(silent.sock)
     # The agent itself is fine and serves new connections.
     assert agent.status()["online"] is True
+
+
+def test_a_request_in_flight_keeps_its_connection_past_idle_timeout(
+    make_agent: Any, api_stub: ApiStub
+) -> None:
+    agent: AgentProcess = make_agent(
+        {
+            "project": api_project(api_stub),
+            "sync": {"flush_mode": "manual"},
+            "socket": {"idle_timeout": 1.0},
+        }
+    )
+    agent.start()
+    assert agent.request({"command": "track_event", "name": "x"})["ok"]
+    api_stub.hang_next(1, 4.0)  # the upload, and so the flush, takes 4 idle timeouts
+    with agent.client() as client:
+        reply = client.request({"command": "flush", "wait": True, "request_id": "f"})
+        assert reply["ok"] and reply["request_id"] == "f", reply
+        assert api_stub.received(), "the flush did not wait for the upload"
+        _wait_closed_by_agent(client.sock)  # idle again once answered
 
 
 def test_a_slow_sender_of_a_partial_line_is_closed_as_idle(make_agent: Any) -> None:
