@@ -191,7 +191,14 @@ def test_anchors_survive_a_restart_and_garbage_is_ignored() -> None:
     again = ClockKeeper(boot_id=BOOT, started_mono=50.0, settings=SETTINGS)
     again.load_anchors(keeper.dump_anchors())
     assert again.truth_known
-    garbage_texts = ("", "{", "[1,2]", '[["b", "x", 1, 1, "api"]]', '[["b", 1, 1, 1, "gps"]]', "null")
+    garbage_texts = (
+        "",
+        "{",
+        "[1,2]",
+        '[["b", "x", 1, 1, "api"]]',
+        '[["b", 1, 1, 1, "gps"]]',
+        "null",
+    )
     for garbage in garbage_texts:
         fresh = ClockKeeper(boot_id=BOOT, started_mono=0.0, settings=SETTINGS)
         fresh.load_anchors(garbage)
