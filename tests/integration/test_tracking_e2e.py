@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub
+from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
 
@@ -179,7 +179,14 @@ def test_mapping_fans_out_and_apps_are_independent(make_agent: Any, api_stub: Ap
 def test_anonymize_project_switch_persists_across_restart(
     make_agent: Any, api_stub: ApiStub
 ) -> None:
-    agent = make_agent({"project": api_project(api_stub), "sync": {"flush_mode": "manual"}})
+    # The project switched to must be one the config names (credentials come from the config).
+    agent = make_agent(
+        {
+            "project": api_project(api_stub),
+            "mapping": {"banner": [api_project(api_stub, "proj-b")]},
+            "sync": {"flush_mode": "manual"},
+        }
+    )
     agent.start()
     ok(agent, {"command": "track_event", "name": "before"})
     ok(agent, {"command": "anonymize", "project": api_project(api_stub, "proj-b")})
