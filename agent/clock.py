@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import email.utils
 import enum
 import json
 import math
@@ -32,6 +31,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from agent.wire import parse_http_date
 
 #: adjtimex(2): return value meaning the clock is not synchronized.
 TIME_ERROR = 5
@@ -156,18 +157,13 @@ def anchor_from_probe(
 
 
 def anchor_from_date(
-    boot_id: str, date_header: str, sent_mono: float, received_mono: float
+    boot_id: str, date_header: str | None, sent_mono: float, received_mono: float
 ) -> Anchor | None:
     """Any API response's `Date` header (whole seconds, RFC 9110): coarser than the probe."""
-    try:
-        parsed = email.utils.parsedate_to_datetime(date_header)
-    except (TypeError, ValueError, IndexError):
+    when = parse_http_date(date_header)
+    if when is None:
         return None
-    if parsed is None or parsed.tzinfo is None:
-        return None
-    anchor = anchor_from_probe(
-        boot_id, parsed.timestamp() + DATE_HEADER_UNCERTAINTY, sent_mono, received_mono
-    )
+    anchor = anchor_from_probe(boot_id, when + DATE_HEADER_UNCERTAINTY, sent_mono, received_mono)
     if anchor is None:
         return None
     return replace(anchor, uncertainty=anchor.uncertainty + DATE_HEADER_UNCERTAINTY)
@@ -244,20 +240,50 @@ def decide(
     under `min_correction`), held or not: a clock the kernel called synchronized yields a zero
     shift anyway. A held item without that knowledge waits, for at most `max_hold` — counted from
     its acceptance in this boot, or from the agent's start for an item of an earlier boot (the
-    monotonic clocks of two boots cannot be compared).
+    monotonic clocks of two boots cannot be compared). With `hold_unsynced` off nothing is
+    held or corrected: items go out with the device's time.
     """
+    if not settings.hold_unsynced:
+        return Decision(Release.UNCHANGED)
     anchor = anchors.get(stamp.boot_id)
     if anchor is not None:
         shift = anchor.true_time_at(stamp.accepted_mono) - stamp.accepted_wall
         if abs(shift) < settings.min_correction:
             return Decision(Release.UNCHANGED)
         return Decision(Release.CORRECTED, shift)
-    if not held or not settings.hold_unsynced:
+    if not held:
         return Decision(Release.UNCHANGED)
     since = stamp.accepted_mono if stamp.boot_id == current_boot else started_mono
     if mono_now - since >= settings.max_hold:
         return Decision(Release.UNCORRECTED)
     return Decision(Release.WAIT)
+
+
+@dataclass(frozen=True)
+class Releasable:
+    """Which held items may be read for upload now: the release conditions of `decide` as a
+    filter the store applies when it reads (so releasing rewrites no row). A held item is
+    released when its boot's true time is known, or `max_hold` passed."""
+
+    #: Holding is off: every item is sendable.
+    everything: bool
+    #: Boots whose true time is known: all their items.
+    boots: tuple[str, ...]
+    current_boot: str
+    #: Items of the current boot accepted at or before this monotonic time.
+    current_until: float
+    #: Items of every other boot (or of no known boot): `max_hold` passed since the start.
+    earlier_boots: bool
+
+    @property
+    def only_unheld(self) -> bool:
+        """Nothing held can be released now: a read may skip held items without looking."""
+        return (
+            not self.everything
+            and not self.boots
+            and self.current_until < 0
+            and not self.earlier_boots
+        )
 
 
 def skew(anchor: Anchor, wall_at: float) -> float:
@@ -380,6 +406,24 @@ class ClockKeeper:
             started_mono=self.started_mono,
             settings=self.settings,
         )
+
+    def releasable(self, mono_now: float) -> Releasable:
+        """The filter matching `decide` at `mono_now` for reads of the queue."""
+        settings = self.settings
+        return Releasable(
+            everything=not settings.hold_unsynced,
+            boots=tuple(self._anchors),
+            current_boot=self.boot_id,
+            current_until=mono_now - settings.max_hold,
+            earlier_boots=mono_now - self.started_mono >= settings.max_hold,
+        )
+
+    def release_at(self, boot_id: str | None, accepted_mono: float | None) -> float:
+        """When (monotonic, this boot) a held item without a known true time goes out
+        uncorrected; the agent wakes sync then."""
+        if boot_id == self.boot_id and accepted_mono is not None:
+            return accepted_mono + self.settings.max_hold
+        return self.started_mono + self.settings.max_hold
 
     def count(self, decisions: Iterable[Decision]) -> None:
         """Count what was sent (call once the API accepted the items)."""

@@ -87,10 +87,15 @@ def test_date_header_anchor_is_coarser() -> None:
 
 
 @pytest.mark.parametrize(
-    "header", ["", "yesterday", "Thu, 01 Jan 2026 00:00:00", "Mon, 99 Foo 2026 25:61:61 GMT"]
+    "header", ["", "yesterday", "Mon, 99 Foo 2026 25:61:61 GMT", "Thu, 01 Jan 1970 00:00:00 GMT"]
 )
 def test_garbled_date_headers_are_ignored(header: str) -> None:
     assert anchor_from_date(BOOT, header, 1.0, 2.0) is None
+
+
+def test_a_date_without_zone_is_gmt_as_http_says() -> None:
+    anchor = anchor_from_date(BOOT, "Thu, 01 Jan 2026 00:00:00", 1.0, 1.0)
+    assert anchor is not None and anchor.true_time == 1767225600.5
 
 
 def _anchor(true_time: float, mono: float, boot: str = BOOT) -> Anchor:
