@@ -803,7 +803,10 @@ class Store:
         where, params = _released_sql(release)
         (count,) = (
             self.reader()
-            .execute(f"SELECT count(*) FROM outbox WHERE held != 0 AND NOT ({where})", params)
+            .execute(
+                f"SELECT count(*) FROM outbox WHERE held != 0 AND NOT coalesce({where}, 0)",
+                params,
+            )
             .fetchone()
         )
         return int(count)
