@@ -175,10 +175,12 @@ def _plausible(value: float) -> bool:
 
 
 def better_anchor(current: Anchor | None, new: Anchor) -> Anchor:
-    """Keep the more precise of two anchors of the same boot (the kernel's usually wins)."""
+    """Keep the more precise of two anchors of the same boot. A new one must be at least twice
+    as precise to replace the current: anchors are persisted when they change, and readings
+    arrive with every API answer and kernel poll, each a little different."""
     if current is None or current.boot_id != new.boot_id:
         return new
-    return new if new.uncertainty < current.uncertainty else current
+    return new if new.uncertainty < current.uncertainty / 2 else current
 
 
 @dataclass(frozen=True)

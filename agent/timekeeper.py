@@ -184,7 +184,11 @@ class Timekeeper:
             self._settled()
 
     def observe_response(self, response: Response) -> None:
-        """Any API answer: its `Date` header, on the monotonic moments of the request."""
+        """Any API answer: its `Date` header, on the monotonic moments of the request. Only
+        JSON answers count: the API always sends JSON, a captive portal or proxy page (whose
+        clock may be anything) does not."""
+        if "json" not in response.headers.get("content-type", "").lower():
+            return
         received = boot_monotonic()
         sent = received - max(0.0, response.round_trip)
         anchor = anchor_from_date(self.boot_id, response.headers.get("date"), sent, received)
@@ -252,7 +256,8 @@ class Timekeeper:
             return
         waiting = self._store.held_waiting(self.releasable())
         with self._cond:
-            fewer = self._waiting is not None and waiting < self._waiting
+            # Without an earlier count (a new wait began) a release may already have happened.
+            fewer = self._waiting is None or waiting < self._waiting
             self._waiting = waiting
         if fewer:
             self._wake_listeners()

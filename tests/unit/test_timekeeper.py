@@ -115,7 +115,15 @@ def test_a_synchronized_clocks_skew_is_shown_and_said_once(
     caplog.set_level(logging.WARNING, "engagement_agent.clock")
     for _ in range(3):
         now = time.time()
-        keeper.observe_response(Response(200, b"{}", {"date": _date(now + 600)}, 0.01, now))
+        keeper.observe_response(
+            Response(
+                200,
+                b"{}",
+                {"date": _date(now + 600), "content-type": "application/json"},
+                0.01,
+                now,
+            )
+        )
     status = keeper.status()
     assert status["skew"] == pytest.approx(600, abs=2)
     assert status["source"] == "ntp"  # the kernel is trusted; nothing is rewritten
@@ -130,5 +138,17 @@ def test_items_accepted_are_held_only_while_the_truth_is_unknown(store: Store) -
     boot, mono, held = keeper.stamp(now)
     assert (boot, held) == ("boot-1", True)
     assert abs(mono - boot_monotonic()) < 1.0
-    keeper.observe_response(Response(200, b"{}", {"date": _date(now)}, 0.01, now))
+    keeper.observe_response(
+        Response(200, b"{}", {"date": _date(now), "content-type": "application/json"}, 0.01, now)
+    )
     assert keeper.stamp(time.time())[2] is False
+
+
+def test_a_date_from_a_page_that_is_not_the_api_is_ignored(store: Store) -> None:
+    """A captive portal or a proxy's error page answers HTML with its own clock."""
+    keeper = Timekeeper(store, SETTINGS, boot_id="boot-1", read_kernel=lambda: UNSYNCED)
+    keeper.load()
+    now = time.time()
+    html = {"date": _date(now + 86400), "content-type": "text/html"}
+    keeper.observe_response(Response(200, b"<html>", html, 0.01, now))
+    assert not keeper.truth_known
