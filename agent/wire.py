@@ -42,6 +42,15 @@ def batch_path(project_token: str) -> str:
     return f"/track/v2/projects/{quote(project_token, safe='')}/batch"
 
 
+def authorization_header(authorization_token: str) -> str:
+    """The `Authorization` value for a configured key. The SDK documentation shows the key as
+    the whole header value (`Token <key>`, iOS also `Bearer <key>`), so a key written that way
+    is sent as it is rather than as `Token Token <key>`."""
+    if authorization_token.startswith(("Token ", "Bearer ")):
+        return authorization_token
+    return f"Token {authorization_token}"
+
+
 def batch_body(payloads: Sequence[bytes]) -> bytes:
     """The request body for stored payloads, without re-encoding them.
 
@@ -139,22 +148,9 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def authorization(token: str) -> str:
-    """The `Authorization` header for a project's `authorization_token`.
-
-    The API takes `Token <key>` for private keys; a value the user already wrote with its
-    scheme (`Token ...` or `Bearer ...`, as the API's docs show them) is sent as it is rather
-    than doubled into `Token Token ...`.
-    """
-    scheme = token.split(" ", 1)[0].lower()
-    if scheme in ("token", "bearer") and " " in token.strip():
-        return token.strip()
-    return f"Token {token}"
-
-
 def request_headers(token: str, user_agent: str, *, body: bool) -> dict[str, str]:
     """Headers of a request to the tracking API (docs/sync.md)."""
-    headers = {"Authorization": authorization(token), "User-Agent": user_agent}
+    headers = {"Authorization": authorization_header(token), "User-Agent": user_agent}
     if body:
         headers["Content-Type"] = "application/json"
     return headers
@@ -294,7 +290,7 @@ __all__ = [
     "Action",
     "CommandResult",
     "Verdict",
-    "authorization",
+    "authorization_header",
     "batch_body",
     "batch_path",
     "classify",

@@ -435,16 +435,18 @@ _TITLE = re.compile(rb"<title>\s*([^<]{1,120}?)\s*</title>", re.IGNORECASE)
 
 
 def _check_proxy_answer(response: Response, proxy: str) -> None:
-    """A proxy that refuses answers in its own name (tinyproxy: an HTML page with 403); the API
-    always answers JSON. An error that is not JSON, through a proxy, is the proxy's: the API
-    was not reached, which is not the API refusing the project's credentials."""
+    """A proxy that refuses or cannot reach the API answers in its own name (tinyproxy: an
+    HTML page with 403 "Access denied", 500 "Unable to connect"); the API always answers
+    JSON. An error that is not JSON, through a proxy, is the proxy's: the API was not reached,
+    which is not the API refusing the project's credentials."""
     if response.status < 400:
         return
     if "json" in response.headers.get("content-type", "").lower():
         return
     match = _TITLE.search(response.body[:4096])
-    detail = match.group(1).decode("utf-8", "replace") if match else f"HTTP {response.status}"
-    raise Unreachable(f"the proxy {_proxy_label(proxy)} refused the request: {detail}")
+    title = match.group(1).decode("utf-8", "replace") if match else ""
+    reason = f"proxy {_proxy_label(proxy)} answered HTTP {response.status}"
+    raise Unreachable(f"{reason} ({title})" if title else reason)
 
 
 def _translate(exc: BaseException, timeout: float, proxy: str | None) -> TransportError:

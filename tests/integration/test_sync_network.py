@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from agent.sync import Syncer
+from agent.tracker.model import Project
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.mosquitto import free_port
 from tests.fixtures.sync import TIMEOUT, Harness, event, eventually, project_state
@@ -33,10 +34,7 @@ def test_a_refused_connection_is_named_as_such_and_probed_not_backed_off(
     harness: Harness,
 ) -> None:
     closed = free_port()
-    project = harness.project()
-    project = type(project)(
-        project.project_token, project.authorization_token, f"http://127.0.0.1:{closed}"
-    )
+    project = Project("proj-a", "key-a", f"http://127.0.0.1:{closed}")
     _, syncer = harness.start(harness.config_with(project, probe_interval=30.0, max_backoff=1.0))
     harness.enqueue(project, [event(1)])
     state = eventually(
@@ -183,8 +181,9 @@ def test_a_refusing_proxy_is_a_clear_error_and_nothing_is_lost(
         lambda: (s := project_state(syncer))["last_error"] and s, "the refusal in status"
     )
     assert state["state"] == "backoff"
-    assert f"proxy 127.0.0.1:{refusing_tinyproxy.port} refused" in state["last_error"]
-    assert any("refused the request" in r.getMessage() for r in caplog.records)
+    proxy = f"proxy 127.0.0.1:{refusing_tinyproxy.port}"
+    assert state["last_error"].startswith(f"{proxy} answered HTTP 403")
+    assert any(proxy in r.getMessage() for r in caplog.records)  # the journal says it too
     assert stub.requests() == [] and harness.queued() == 2
     syncer.reload(harness.config())  # the proxy setting removed: straight to the API
     assert stub.wait_received(2, TIMEOUT)
@@ -197,3 +196,18 @@ def test_a_proxy_that_is_down_is_named(harness: Harness) -> None:
     error = eventually(lambda: project_state(syncer)["last_error"], "the error in status")
     assert error.startswith(f"proxy 127.0.0.1:{closed}: cannot connect")
     assert "refused" in error
+
+
+def test_an_api_down_behind_a_working_proxy_is_unreachable_not_a_refusal(
+    harness: Harness, tinyproxy: Tinyproxy
+) -> None:
+    """The proxy answers for the API it cannot reach: that is the network's fault (probe
+    schedule), not the API refusing the project (which would pause it)."""
+    closed = free_port()
+    project = Project("proj-a", "key-a", f"http://127.0.0.1:{closed}")
+    _, syncer = harness.start(harness.config_with(project, proxy=tinyproxy.url))
+    harness.enqueue(project, [event(1)])
+    state = eventually(lambda: (s := project_state(syncer))["last_error"] and s, "the error")
+    assert state["state"] == "backoff"
+    assert state["last_error"].startswith(f"proxy 127.0.0.1:{tinyproxy.port} answered HTTP 5")
+    assert harness.queued() == 1

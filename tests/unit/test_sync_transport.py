@@ -19,7 +19,6 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from agent import wire
 from agent.sync.transport import (
     Deadlines,
     HttpTransport,
@@ -119,20 +118,6 @@ def test_proxy_choice(
     url: str, configured: str, environ: dict[str, str], expected: str | None
 ) -> None:
     assert proxy_for(url, configured, environ) == expected
-
-
-@pytest.mark.parametrize(
-    ("token", "header"),
-    [
-        ("abc", "Token abc"),
-        ("Token abc", "Token abc"),
-        ("Bearer eyJ", "Bearer eyJ"),
-        ("bearer eyJ", "bearer eyJ"),
-        ("Tokenabc", "Token Tokenabc"),
-    ],
-)
-def test_authorization_header(token: str, header: str) -> None:
-    assert wire.authorization(token) == header
 
 
 def test_response_date_is_parsed() -> None:
