@@ -420,13 +420,6 @@ class ClockKeeper:
             earlier_boots=mono_now - self.started_mono >= settings.max_hold,
         )
 
-    def release_at(self, boot_id: str | None, accepted_mono: float | None) -> float:
-        """When (monotonic, this boot) a held item without a known true time goes out
-        uncorrected; the agent wakes sync then."""
-        if boot_id == self.boot_id and accepted_mono is not None:
-            return accepted_mono + self.settings.max_hold
-        return self.started_mono + self.settings.max_hold
-
     def count(self, decisions: Iterable[Decision]) -> None:
         """Count what was sent (call once the API accepted the items)."""
         for decision in decisions:

@@ -281,10 +281,7 @@ class Timekeeper:
         with self._cond:
             if self._keeper.truth_known or not self._keeper.settings.hold_unsynced:
                 return False
-        return any(
-            pid == project_id and boot == self.boot_id
-            for pid, boot, _ in self._store.held_summary()
-        )
+        return self._store.has_held(project_id, self.boot_id)
 
     @property
     def truth_known(self) -> bool:

@@ -811,20 +811,19 @@ class Store:
         )
         return int(count)
 
-    def held_summary(self) -> list[tuple[int, str | None, float | None]]:
-        """(project id, boot id, earliest monotonic accept time) of the held items, per
-        project and boot: which projects wait for the true time, and until when."""
+    def has_held(self, project_id: int, boot_id: str) -> bool:
+        """Does the project hold items accepted in this boot (they wait for its true time)?"""
         if not self._published.held:
-            return []
-        rows = (
+            return False
+        row = (
             self.reader()
             .execute(
-                "SELECT project_id, boot_id, min(accepted_mono) FROM outbox WHERE held != 0 "
-                "GROUP BY project_id, boot_id"
+                "SELECT 1 FROM outbox WHERE held != 0 AND project_id = ? AND boot_id = ? LIMIT 1",
+                (project_id, boot_id),
             )
-            .fetchall()
+            .fetchone()
         )
-        return [(int(p), b, m) for p, b, m in rows]
+        return row is not None
 
     def list_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
         """Queued items with their payloads, oldest first (held ones included)."""
