@@ -225,3 +225,28 @@ def test_after_a_reboot_earlier_held_items_go_out_unchanged_after_max_hold(
         lambda: (c := agent.status()["clock"])["uncorrected"] >= held and c, TIMEOUT, "counted"
     )
     assert clock["corrected"] == 0 and clock["held"] == 0
+
+
+def test_a_project_whose_credentials_are_refused_still_learns_the_true_time(
+    make_agent: Any, api_stub: ApiStub, boot: Boot
+) -> None:
+    """Its own system/time is refused; another configured project's answer (or the
+    refusal's Date header) settles the time, and its items wait only for its credentials."""
+    api_stub.set_clock_offset(DAY)
+    agent: AgentProcess = make_agent(
+        {
+            "project": {**api_project(api_stub), "authorization_token": "wrong"},
+            "projects": {"other": api_project(api_stub, "proj-b")},
+            "sync": {"max_backoff": 1.0, "probe_interval": 0.3},
+        }
+    )
+    agent.start(env=boot.env())
+    track(agent, "a")
+    status = wait_for(
+        lambda: (s := agent.status())["sync"]["projects"][0]["state"] == "paused" and s,
+        TIMEOUT,
+        "proj-a paused",
+    )
+    assert status["clock"]["source"] == "api", status["clock"]
+    assert status["clock"]["held"] == 0  # the item waits for the credentials, not the clock
+    assert api_stub.received() == []
