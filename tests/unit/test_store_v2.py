@@ -11,11 +11,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.store import SCHEMA_VERSION, QueueEntry, Store
+from agent.store.schema import PAGE_SIZE
 from agent.tracker.model import AppState, OutboundItem, Project
 from tests.unit.test_store_helpers import (
     P1,
@@ -171,6 +173,9 @@ def test_migration_from_v1_removes_every_credential_and_keeps_everything_else(
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        # Rebuilt into the flash-friendly layout (docs/architecture.md, "Storage writes").
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert "outbox_by_project" not in names
         assert not {"projects_v1", "outbox_v1", "dead_letters_v1"} & names
@@ -358,5 +363,30 @@ def test_totals_after_kill_9_are_counted_from_the_tables(tmp_path: Path) -> None
         assert (stats.items, stats.dead_letters) == (0, dead)
         enqueue(s, item(0))
         assert s.list_items()[0].id > last
+    finally:
+        s.close()
+
+
+def test_held_and_sendable_are_counted_again_at_open(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    s = Store(cfg)
+    s.open()
+    track(s, item(0, P1), item(1, P2), held=True)
+    track(s, item(2, P2))
+    enqueue(s, *[item(n, P1) for n in range(3, 6)])
+    expected = (replace(s.stats(), oldest_age=None), [(i.id, i.held) for i in s.list_items()])
+    s.close()
+    s = Store(cfg)
+    s.open()
+    try:
+        stats = replace(s.stats(), oldest_age=None)
+        assert (stats, [(i.id, i.held) for i in s.list_items()]) == expected
+        assert s.stats().held == 2
+        p1, p2 = s.project_for(P1).id, s.project_for(P2).id
+        assert len(s.read_batch(p1, 10)) == 3 and len(s.read_batch(p2, 10)) == 1
+        held = [i.id for i in s.held_items()]
+        s.submit(lambda t: t.set_held(held, False)).result()
+        assert len(s.read_batch(p1, 10)) == 4 and len(s.read_batch(p2, 10)) == 2
+        assert s.read_batch(p1, 10)[0].id == held[0]
     finally:
         s.close()
