@@ -46,33 +46,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_socket import KEY, TOKEN, api_stub  # noqa: E402
+from bench.bench_socket import KEY, TOKEN, api_stub, command_lines  # noqa: E402
 from tests.fixtures.daemon import AgentProcess, wait_for  # noqa: E402
 
-#: ~420 bytes on the wire, as the issue measured.
-PROPERTIES = {
-    "product_id": "sku-00042",
-    "title": "Handbag, leather, brown, medium",
-    "price": 129.9,
-    "currency": "EUR",
-    "screen": "checkout/confirm",
-    "kiosk_zone": "entrance-left",
-    "campaign": "spring-sale-2024",
-    "referrer": "home/banner/3",
-    "session_step": 4,
-    "language": "en-GB",
-    "note": "x" * 60,
-}
+#: Added to bench_socket's commands: ~420 bytes on the wire, as the issue measured.
+EXTRA = {"referrer": "home/banner/3", "session_step": 4, "language": "en-GB", "note": "x" * 60}
 
 
-def command_line(seq: int) -> bytes:
-    command = {
-        "command": "track_event",
-        "app": "kiosk",
-        "name": "purchase_item",
-        "properties": {"seq": seq, **PROPERTIES},
-    }
-    return json.dumps(command, separators=(",", ":")).encode()
+def command_list(count: int) -> list[bytes]:
+    """`count` distinct track_event lines of ~405 bytes (without the newline), app `kiosk`."""
+    lines = []
+    for line in command_lines(count, 0):
+        command = json.loads(line)
+        command["app"] = "kiosk"
+        command["properties"].update(EXTRA)
+        lines.append(json.dumps(command, separators=(",", ":")).encode())
+    return lines
 
 
 def write_bytes(pid: int | str) -> int:
@@ -144,7 +133,7 @@ def ingest(
     workdir = Path(tempfile.mkdtemp(prefix=f"flash-{durability}-{rate:g}-", dir=directory))
     mode = "manual" if api_url is None else "immediate"
     agent = AgentProcess(workdir, agent_config(durability, api_url, flush_mode=mode))
-    lines = [command_line(i) for i in range(count)]
+    lines = command_list(count)
     try:
         agent.start()
         assert agent.process is not None
@@ -201,7 +190,7 @@ def drain(directory: Path, durability: str, count: int) -> dict[str, Any]:
         try:
             agent.start()
             with agent.client() as client:
-                payload = b"".join(command_line(i) + b"\n" for i in range(count))
+                payload = b"".join(line + b"\n" for line in command_list(count))
                 client.sock.sendall(payload)
                 for _ in range(count):
                     if not client.read_reply().get("ok"):

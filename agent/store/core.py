@@ -369,6 +369,9 @@ class Store:
         if self._writer is not None:
             try:
                 self._save_history(self._writer)
+            except sqlite3.Error as exc:
+                log.warning("saving the queue's counters at close: %s", exc)
+            try:
                 self._writer.conn.close()  # the last connection checkpoints and removes the WAL
             except sqlite3.Error as exc:
                 log.warning("closing the queue database: %s", exc)

@@ -155,40 +155,36 @@ _KIND_SQL = f"""CASE WHEN json_valid(CAST(payload AS TEXT)) THEN
     END
 END"""
 
-#: JSON keys whose values are credentials; never written to the database.
+#: JSON keys whose values are credentials: schema version 1 kept them in app states.
 SECRET_KEYS = frozenset({"authorization_token", "password"})
 
 
-def scrub_secrets(value: Any) -> tuple[Any, bool]:
-    """`value` with every credential (a `SECRET_KEYS` entry, at any depth) set to "";
-    and whether anything was removed."""
+def _without_secrets(value: Any) -> tuple[Any, bool]:
+    """`value` without any `SECRET_KEYS` entry, at any depth; and whether one was removed."""
     if isinstance(value, dict):
         changed = False
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if key in SECRET_KEYS and isinstance(item, str):
-                out[key] = ""
-                changed = changed or item != ""
-            else:
-                out[key], sub = scrub_secrets(item)
-                changed = changed or sub
+            if key in SECRET_KEYS:
+                changed = True
+                continue
+            out[key], sub = _without_secrets(item)
+            changed = changed or sub
         return out, changed
     if isinstance(value, list):
-        items = [scrub_secrets(item) for item in value]
+        items = [_without_secrets(item) for item in value]
         return [item for item, _ in items], any(sub for _, sub in items)
     return value, False
 
 
-def scrub_state_json(text: str) -> str:
-    """An app state's JSON without credentials (unchanged text when it holds none)."""
-    if not any(f'"{key}":"' in text or f'"{key}": "' in text for key in SECRET_KEYS):
-        return text  # the common case: no switch to another project, nothing to parse
+def _state_without_secrets(text: str) -> str:
+    """An app state's JSON without credentials (the same text when it holds none)."""
     try:
         data = json.loads(text)
     except ValueError:
-        return text  # invalid state: it is ignored when loaded (and holds no parsable secret)
-    scrubbed, changed = scrub_secrets(data)
-    return json.dumps(scrubbed, separators=(",", ":"), ensure_ascii=False) if changed else text
+        return text  # invalid: ignored when loaded, and nothing in it can be parsed out
+    clean, changed = _without_secrets(data)
+    return json.dumps(clean, separators=(",", ":"), ensure_ascii=False) if changed else text
 
 
 def connect(
@@ -350,7 +346,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     for table in ("projects", "outbox", "dead_letters"):
         conn.execute(f"DROP TABLE {table}_v1")
     for app, text in conn.execute("SELECT app, state FROM app_states").fetchall():
-        clean = scrub_state_json(text)
+        clean = _state_without_secrets(text)
         if clean != text:
             conn.execute("UPDATE app_states SET state = ? WHERE app = ?", (clean, app))
     conn.executemany("DELETE FROM meta WHERE key = ?", [(key,) for key in _V1_TOTAL_KEYS])

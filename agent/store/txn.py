@@ -17,12 +17,7 @@ import pydantic_core
 
 from agent.errors import QueueFull
 from agent.store.model import ProjectRow
-from agent.store.schema import (
-    ID_RESERVED_KEYS,
-    MAX_KIND_CHARS,
-    RESERVED_META_PREFIX,
-    scrub_state_json,
-)
+from agent.store.schema import ID_RESERVED_KEYS, MAX_KIND_CHARS, RESERVED_META_PREFIX
 from agent.tracker.model import AppState, OutboundItem, Project
 
 if TYPE_CHECKING:
@@ -696,10 +691,8 @@ class Txn:
         return row
 
     def save_app_state(self, app: str, state: AppState) -> None:
-        """Persist an app's state; credentials in it (a project an app switched to) are
-        blanked: the database holds none (docs/security.md)."""
         self._check()
-        self.states[app] = scrub_state_json(state.model_dump_json())
+        self.states[app] = state.model_dump_json()
 
     def set_meta(self, key: str, value: str) -> None:
         self._check()
