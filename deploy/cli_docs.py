@@ -2,7 +2,7 @@
 argparse parser (`agent.cli.build_parser`), so neither can drift from the verbs and options
 the program really has. Run at package build time by deploy/build-deb.sh:
 
-    python deploy/cli_docs.py man --version 0.1.0 > engagement-agent.8
+    python deploy/cli_docs.py man --version 0.2.0 > engagement-agent.8
     python deploy/cli_docs.py bash > engagement-agent        (bash-completion file)
 
 Walks argparse's parser objects (their `_actions` are private but stable since Python 3.2;

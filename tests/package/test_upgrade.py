@@ -109,10 +109,8 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (work / "new").mkdir()
     new = build_deb(REPO, work / "new")
     old_version, new_version = field(old, "Version"), field(new, "Version")
-    if subprocess.run(["dpkg", "--compare-versions", new_version, "gt", old_version]).returncode:
-        # This tree has not bumped its version since the previous release: build it as a
-        # later one, which is what the release will be.
-        new = build_deb(REPO, work / "new", env={"DEB_VERSION": f"{new_version}+next1"})
+    newer = subprocess.run(["dpkg", "--compare-versions", new_version, "gt", old_version])
+    assert newer.returncode == 0, f"this tree's version {new_version} must be above {old_version}"
     return old, new
 
 
