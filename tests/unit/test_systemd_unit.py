@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import MAX_SOCKET_CONNECTIONS
+from agent.ipc import LISTEN_BACKLOG, RESERVED_CONNECTIONS
+
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "engagement-agent.service"
 BINARY = "/opt/engagement-agent/bin/engagement-agent"
@@ -68,7 +71,7 @@ def test_required_settings() -> None:
         "RestartPreventExitStatus": "78",
         "StateDirectory": "engagement-agent",
         "RuntimeDirectory": "engagement-agent",
-        "RuntimeDirectoryMode": "0750",
+        "RuntimeDirectoryMode": "2750",
         "ConfigurationDirectory": "engagement-agent",
         "ProtectSystem": "strict",
         "NoNewPrivileges": "yes",
@@ -80,6 +83,11 @@ def test_required_settings() -> None:
     assert unit["ExecStart"] == [f"{BINARY} run --config /etc/engagement-agent/agent.toml"]
     assert unit["ExecReload"][0].startswith(f"{BINARY} reload ")
     assert "$MAINPID" in unit["ExecReload"][0]
+    # The socket's group: the clients group, not the one that reads the config.
+    assert unit["ExecStartPre"] == [
+        "+/bin/chgrp engagement-agent-clients %t/engagement-agent",
+        "+/bin/chmod 2750 %t/engagement-agent",
+    ]
     assert "@system-service" in unit["SystemCallFilter"]
     # SO_PEERCRED must report real uids for allowed_uids; DynamicUser would defeat sysusers.
     assert "PrivateUsers" not in unit
@@ -107,6 +115,8 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert "engagement-agent:x:" in (tmp_path / "etc/passwd").read_text()
+    groups = (tmp_path / "etc/group").read_text()
+    assert "\nengagement-agent-clients:x:" in "\n" + groups
     subprocess.run(
         ["systemd-tmpfiles", f"--root={tmp_path}", "--create", "engagement-agent.conf"],
         check=True,
@@ -114,3 +124,22 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
     )
     assert (tmp_path / "var/lib/engagement-agent").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "etc/engagement-agent/credentials").stat().st_mode & 0o777 == 0o700
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_resource_limits_leave_room_for_the_documented_peaks() -> None:
+    """docs/operations.md: the numbers behind MemoryMax=, TasksMax= and LimitNOFILE=."""
+    unit = settings(UNIT.read_text())
+    mib = 1024 * 1024
+    # RSS with a 1,000,000-item backlog (~70 MiB, docs/benchmarks.md), the 64 MB a hostile
+    # client may cost (docs/security.md), the reload CLI in the same cgroup (~35 MiB).
+    assert _bytes(unit["MemoryMax"][0]) >= 70 * mib + 64 * 1000 * 1000 + 35 * mib
+    # About ten threads of our own plus one upload thread per project: room for dozens.
+    assert int(unit["TasksMax"][0]) >= 10 + 32
+    # Every allowed connection, the reserved ones, a burst of refused connects, the rest.
+    fds = MAX_SOCKET_CONNECTIONS + RESERVED_CONNECTIONS + LISTEN_BACKLOG + 64
+    assert int(unit["LimitNOFILE"][0]) >= fds
