@@ -390,7 +390,8 @@ class Txn:
                 counters.held += 1
             else:
                 counters.add_sendable(project_id, 1, row_id)
-                self.enqueued_projects.add(project_id)  # held rows wake no uploader
+            # Held rows wake the uploader too: it probes the API's clock to release them.
+            self.enqueued_projects.add(project_id)
         if counters.items == 0:
             state.head_dirty = True
         counters.items += len(encoded)
