@@ -1,10 +1,21 @@
-"""Transport-independent command handling: bytes in, one `Reply` out.
+"""One path for every command, whatever its transport: bytes in, one `Reply` out.
 
-The MQTT adapter calls `Intake.handle()`; the socket calls its two halves, `prepare()` (every
-check, synchronous) and `finish()` (the reply for a result), so it can run a whole chunk of
-pipelined commands as one batch. Everything that decides whether a command is accepted —
-size, JSON, schema, app name, permissions — happens here, once. A command is acknowledged
-only when the backend has committed it.
+Transports (the socket in `agent/ipc.py`, MQTT in `agent/mqtt/`) frame messages and own the
+order and delivery of replies; everything else happens here, once per command:
+
+1. `prepare()` — size, JSON, schema, app name, authorization (socket uids, `apps.<app>.mqtt`),
+   the shutdown refusal; then the accept time. It returns the error `Reply` of a refused
+   command or an `Accepted` command.
+2. `submit()` — the accepted commands that go through the store's writer (tracking commands and
+   `get_customer`), a transport's whole hand-off at once: the socket hands over each chunk of
+   pipelined lines, MQTT everything that arrived since its last pass. They run in order, each
+   all-or-nothing, in one writer transaction (group commit), and `done(replies)` runs once on
+   the event loop after the commit. A reply (and so a PUBACK) never precedes the commit.
+3. `query()` — `status`, `flush` and queue maintenance, which do not touch the writer.
+
+Every reply is counted by transport and result for status (`commands`) and the metric
+`engagement_agent_commands_total{transport,result}`; commands between acceptance and reply are
+counted in `in_flight` for the shutdown. The protocol itself is in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -13,11 +24,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from agent.commands import (
+    GetCustomer,
     is_admin,
     is_app_scoped,
     is_tracking,
@@ -26,12 +38,22 @@ from agent.commands import (
     validate_command,
 )
 from agent.config import AgentConfig
-from agent.errors import AgentError, Forbidden, InternalError, InvalidCommand, TooLarge, UnknownApp
-from agent.logs import RateLimitedLog
+from agent.errors import (
+    AgentError,
+    Forbidden,
+    InternalError,
+    InvalidCommand,
+    TooLarge,
+    Unavailable,
+    UnknownApp,
+)
+from agent.logs import RateLimitedLog, escape
 
-log = logging.getLogger("engagement_agent.intake")
+log = logging.getLogger("engagement_agent.dispatch")
 
 DEFAULT_APP = "default"
+Transport = Literal["socket", "mqtt"]
+TRANSPORTS: tuple[Transport, ...] = ("socket", "mqtt")
 
 #: Compact JSON, built once (json.dumps with options builds an encoder per call).
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -41,7 +63,7 @@ _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encod
 class Origin:
     """Where a command came from: decides the app name and which permission checks apply."""
 
-    transport: Literal["socket", "mqtt"]
+    transport: Transport
     topic_app: str | None = None  # MQTT: the app named by the topic
     uid: int | None = None  # socket: the peer's uid from SO_PEERCRED
 
@@ -75,9 +97,12 @@ class Reply:
 
 
 class Accepted:
-    """A command that passed every check in `Intake.prepare()`, with its accept time."""
+    """A command that passed every check in `Dispatcher.prepare()`, with its accept time.
 
-    __slots__ = ("app", "command", "command_name", "now", "origin", "request_id", "tracking")
+    `grouped` commands run on the store's writer (`Dispatcher.submit`); the others are queries
+    (`Dispatcher.query`)."""
+
+    __slots__ = ("app", "command", "command_name", "grouped", "now", "origin", "request_id")
 
     def __init__(
         self,
@@ -87,7 +112,6 @@ class Accepted:
         command: Any,
         now: float,
         origin: Origin,
-        tracking: bool,
     ) -> None:
         self.request_id = request_id
         self.app = app
@@ -95,30 +119,50 @@ class Accepted:
         self.command = command
         self.now = now
         self.origin = origin
-        self.tracking = tracking  # changes state and queues items (SPEC §11)
+        # get_customer reads the app's state on the writer: grouped, it keeps its order
+        # after the tracking commands sent before it.
+        self.grouped = is_tracking(command) or isinstance(command, GetCustomer)
 
 
-class Backend(Protocol):
-    """What the daemon provides: `track` returns only after the command is committed."""
-
-    def track(self, app: str, command: Any, now: float) -> Awaitable[Mapping[str, Any] | None]: ...
-
-    def query(self, app: str, command: Any) -> Awaitable[Mapping[str, Any]]: ...
+#: What the writer hands back per command: the reply's result, or the exception refusing it.
+Result = Mapping[str, Any] | None | BaseException
 
 
-class Intake:
+class Writer(Protocol):
+    """The store side (`agent.engine.Runner` in the daemon)."""
+
+    def commit(self, commands: Sequence[Accepted], done: Callable[[list[Result]], None]) -> None:
+        """Run `commands` in order on the writer, each all-or-nothing, in one transaction
+        where they fit; call `done(results)` once, on the event loop, after the commit."""
+        ...
+
+
+class Queries(Protocol):
+    """`status`, `flush` and queue maintenance (`agent.daemon` provides them)."""
+
+    def query(self, command: Accepted) -> Awaitable[Mapping[str, Any]]: ...
+
+
+class Dispatcher:
+    """Construct on the event loop's thread; every method runs there."""
+
     def __init__(
         self,
         config: AgentConfig,
-        backend: Backend,
+        writer: Writer,
+        queries: Queries,
         *,
         clock: Callable[[], float] = time.time,
         own_uid: int | None = None,
     ) -> None:
         self._config = config
-        self._backend = backend
+        self._writer = writer
+        self._queries = queries
         self._clock = clock
         self._privileged = {0, os.getuid() if own_uid is None else own_uid}
+        self._accepting = True
+        self.in_flight = 0
+        self._counts: dict[str, dict[str, int]] = {transport: {} for transport in TRANSPORTS}
         # A misbehaving app can send thousands of bad commands a second; the journal gets one
         # line per error code and peer per minute, with the count of the rest.
         self._rejections = RateLimitedLog(log)
@@ -126,22 +170,32 @@ class Intake:
     def reload(self, config: AgentConfig) -> None:
         self._config = config
 
-    async def handle(self, data: bytes, origin: Origin) -> Reply:
-        """One command from bytes to its reply; returns once the backend committed it."""
-        prepared = self.prepare(data, origin)
-        if isinstance(prepared, Reply):
-            return prepared
-        return await self.execute(prepared)
+    def stop_accepting(self) -> None:
+        """From now on every command is refused with `unavailable` (SIGTERM): commands already
+        accepted still finish, and `in_flight` tells when they have."""
+        self._accepting = False
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Replies so far by transport and result (`ok` or the error code), for status."""
+        return {transport: dict(sorted(c.items())) for transport, c in self._counts.items()}
+
+    # -- the path ------------------------------------------------------------------------------
+    def refuse(self, error: AgentError, origin: Origin, request_id: str | None = None) -> Reply:
+        """The reply for input refused before `prepare()` could read it (an over-long socket
+        line, a retained MQTT message, a full connection table); counted like any reply."""
+        reply = Reply(request_id, origin.topic_app, None, error=error)
+        self._log_rejection(error, origin.topic_app, None, origin)
+        self._count(origin, reply)
+        return reply
 
     def prepare(self, data: bytes, origin: Origin) -> Reply | Accepted:
-        """Everything that decides acceptance, synchronously: size, JSON, schema, app name,
-        permissions; then the accept time. Returns the error `Reply` of a refused command,
-        else the `Accepted` command for `execute()` (or a transport's own batching, which must
-        hand each result to `finish()`)."""
+        """Every check that decides acceptance, synchronously; then the accept time."""
         request_id: str | None = None
         app: str | None = origin.topic_app
         command_name: str | None = None
         try:
+            if not self._accepting:
+                raise Unavailable("the agent is shutting down")
             if len(data) > self._config.limits.max_command_bytes:
                 raise TooLarge(
                     f"command is {len(data)} bytes; the limit is "
@@ -155,49 +209,73 @@ class Intake:
             self._authorize(app, command, origin)
             # The accept time is taken here, before any waiting: an absent timestamp means
             # "when the agent accepted the command", not when it was committed or sent.
-            return Accepted(
-                request_id, app, command_name, command, self._clock(), origin, is_tracking(command)
-            )
-        except AgentError as error:
-            self._log_rejection(error, app, command_name, origin)
-            return Reply(request_id, app, command_name, error=error)
+            return Accepted(request_id, app, command_name, command, self._clock(), origin)
+        except AgentError as exc:
+            self._log_rejection(exc, app, command_name, origin)
+            reply = Reply(request_id, app, command_name, error=exc)
         except Exception:
-            log.exception("internal error while handling %s for app %s", command_name, app)
-            return Reply(
+            log.exception(
+                "internal error while handling %s for app %s", command_name, escape(app or "?")
+            )
+            reply = Reply(
                 request_id, app, command_name, error=InternalError("internal error; see the log")
             )
+        self._count(origin, reply)
+        return reply
 
-    async def execute(self, accepted: Accepted) -> Reply:
-        """Run an accepted command on the backend; the reply once it is committed."""
+    def submit(self, commands: Sequence[Accepted], done: Callable[[list[Reply]], None]) -> None:
+        """Run `grouped` commands as one group on the writer; `done(replies)` on the loop once
+        every one of them is committed or refused (one refused command fails only itself)."""
+        if not commands:
+            return
+        self.in_flight += len(commands)
+
+        def committed(results: list[Result]) -> None:
+            self.in_flight -= len(commands)
+            done([self._finish(c, r) for c, r in zip(commands, results, strict=True)])
+
         try:
-            if accepted.tracking:
-                result = await self._backend.track(accepted.app, accepted.command, accepted.now)
-            else:
-                result = await self._backend.query(accepted.app, accepted.command)
-        except Exception as exc:
-            return self.finish(accepted, exc)
-        return self.finish(accepted, result)
+            self._writer.commit(commands, committed)
+        except Exception as exc:  # nothing was submitted: every command gets the error
+            committed([exc] * len(commands))
 
-    def finish(self, accepted: Accepted, result: Mapping[str, Any] | BaseException | None) -> Reply:
+    async def query(self, command: Accepted) -> Reply:
+        """Run a query (a command that is not `grouped`)."""
+        self.in_flight += 1
+        try:
+            result: Result = await self._queries.query(command)
+        except Exception as exc:
+            result = exc
+        finally:
+            self.in_flight -= 1
+        return self._finish(command, result)
+
+    # -- the parts -----------------------------------------------------------------------------
+    def _finish(self, accepted: Accepted, result: Result) -> Reply:
         """The reply for an accepted command given its result, or the exception that refused
         it (an `AgentError` is the client's answer; anything else is logged as internal)."""
         if not isinstance(result, BaseException):
-            return Reply(accepted.request_id, accepted.app, accepted.command_name, result)
-        if isinstance(result, AgentError):
-            self._log_rejection(result, accepted.app, accepted.command_name, accepted.origin)
-            return Reply(accepted.request_id, accepted.app, accepted.command_name, error=result)
-        log.error(
-            "internal error while handling %s for app %s",
-            accepted.command_name,
-            accepted.app,
-            exc_info=result,
-        )
-        return Reply(
-            accepted.request_id,
-            accepted.app,
-            accepted.command_name,
-            error=InternalError("internal error; see the log"),
-        )
+            reply = Reply(accepted.request_id, accepted.app, accepted.command_name, result)
+        else:
+            error = result
+            if isinstance(error, AgentError):
+                self._log_rejection(error, accepted.app, accepted.command_name, accepted.origin)
+            else:
+                log.error(
+                    "internal error while handling %s for app %s",
+                    accepted.command_name,
+                    accepted.app,
+                    exc_info=error,
+                )
+                error = InternalError("internal error; see the log")
+            reply = Reply(accepted.request_id, accepted.app, accepted.command_name, error=error)
+        self._count(accepted.origin, reply)
+        return reply
+
+    def _count(self, origin: Origin, reply: Reply) -> None:
+        key = "ok" if reply.error is None else reply.error.code.value
+        counts = self._counts[origin.transport]
+        counts[key] = counts.get(key, 0) + 1
 
     def _app_for(self, command: Any, origin: Origin) -> str:
         if origin.transport == "mqtt":
@@ -228,13 +306,17 @@ class Intake:
                 f"unknown app {app!r}: it has no [apps.{app}] section and "
                 "apps.allow_unknown is false"
             )
+        if origin.transport == "mqtt":
+            # The broker, not the agent, knows who published; an app restricted to some uids
+            # on the socket would be open to anyone on MQTT (docs/mqtt.md, "Who may command").
+            if not app_config.mqtt_allowed:
+                raise Forbidden(
+                    f"app {app!r} does not accept MQTT commands: it has allowed_uids; set "
+                    f"apps.{app}.mqtt = true once the broker's ACL restricts its topic"
+                )
+            return
         allowed = app_config.allowed_uids
-        if (
-            origin.transport == "socket"
-            and allowed is not None
-            and origin.uid not in self._privileged
-            and origin.uid not in allowed
-        ):
+        if allowed is not None and origin.uid not in self._privileged and origin.uid not in allowed:
             raise Forbidden(f"uid {origin.uid} may not send commands for app {app!r}")
 
     def _log_rejection(
@@ -245,23 +327,19 @@ class Intake:
             (error.code, peer),
             "rejected %s for app %s from %s: %s",
             command or "command",
-            app or "?",
+            escape(app or "?"),
             peer,
             error.code.value,
         )
 
 
-def reply_for_unreadable(error: AgentError) -> Reply:
-    """A reply for input that never reached `handle()` (e.g. a socket line over the limit)."""
-    return Reply(None, error=error)
-
-
 __all__ = [
     "DEFAULT_APP",
     "Accepted",
-    "Backend",
-    "Intake",
+    "Dispatcher",
     "Origin",
+    "Queries",
     "Reply",
-    "reply_for_unreadable",
+    "Result",
+    "Writer",
 ]
