@@ -121,7 +121,7 @@ class Accepted:
         self.origin = origin
         # get_customer reads the app's state on the writer: grouped, it keeps its order
         # after the tracking commands sent before it.
-        self.grouped = is_tracking(command) or isinstance(command, GetCustomer)
+        self.grouped = is_tracking(command) or type(command) is GetCustomer
 
 
 #: What the writer hands back per command: the reply's result, or the exception refusing it.

@@ -43,7 +43,7 @@ from agent.dispatch import Accepted, Dispatcher, Origin, Reply
 from agent.errors import PERMANENT_CODES, AgentError, InvalidCommand
 from agent.logs import RateLimitedLog, escape
 from agent.mqtt.client import PahoClient
-from agent.mqtt.inbox import MAX_PENDING_BYTES, Inbox, PendingCommands
+from agent.mqtt.inbox import MAX_PENDING_BYTES, WAKE, Inbox, PendingCommands
 from agent.mqtt.link import (
     STABLE_CONNECTION,
     Attempt,
@@ -109,7 +109,7 @@ class _Link:
     ever_connected: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is slow, and this is per message
 class _Inbound:
     link: _Link
     conn_id: int
@@ -158,6 +158,7 @@ class MqttAdapter:
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
+        self._pending_limits = self._limits_of(config)
         self._dispatcher = dispatcher
         self._loop = loop
         self._status = status
@@ -204,9 +205,13 @@ class MqttAdapter:
     @property
     def pending_limits(self) -> tuple[int, int]:
         """The (count, bytes) beyond which QoS 0 commands are dropped."""
+        return self._pending_limits
+
+    @staticmethod
+    def _limits_of(config: AgentConfig) -> tuple[int, int]:
         return (
-            self._config.mqtt.receive_maximum,
-            max(MAX_PENDING_BYTES, self._config.limits.max_command_bytes),
+            config.mqtt.receive_maximum,
+            max(MAX_PENDING_BYTES, config.limits.max_command_bytes),
         )
 
     def start(self) -> None:
@@ -239,6 +244,7 @@ class MqttAdapter:
     def reload(self, config: AgentConfig) -> None:
         """Take new settings; reconnect (after draining in-flight commands) if MQTT's changed."""
         previous, self._config = self._config, config
+        self._pending_limits = self._limits_of(config)
         if not self._started or self._stopping:
             return
         if _link_settings(previous) == _link_settings(config) and (
@@ -567,7 +573,7 @@ class MqttAdapter:
             response_topic if isinstance(response_topic, str) and response_topic else None,
             bytes(correlation) if correlation is not None else None,
         )
-        max_count, max_bytes = self.pending_limits
+        max_count, max_bytes = self._pending_limits
         admission = self._inbox.put(inbound, len(payload), message.qos, max_count, max_bytes)
         if not admission.admitted:
             self._log.warning(
@@ -583,7 +589,7 @@ class MqttAdapter:
                 self._inbox.snapshot().qos0_dropped,
             )
             return
-        if admission.wake:
+        if admission is WAKE:
             try:
                 self._loop.call_soon_threadsafe(self._drain_inbox)
             except RuntimeError:
@@ -618,8 +624,7 @@ class MqttAdapter:
 
             def done(replies: list[Reply]) -> None:
                 committed.set_result(None)
-                for inbound, reply in zip(members, replies, strict=True):
-                    self._settle(inbound, reply)
+                self._settle_group(members, replies)
 
             self._dispatcher.submit(group, done)
 
@@ -660,6 +665,36 @@ class MqttAdapter:
 
     async def _query(self, inbound: _Inbound, command: Accepted) -> None:
         self._settle(inbound, await self._dispatcher.query(command))
+
+    def _settle_group(self, inbounds: list[_Inbound], replies: list[Reply]) -> None:
+        """`_settle` for a committed group, with one wake-up of the network thread for the
+        PUBACKs of all the quiet successes (no reply to publish), in the order received."""
+        acks: list[int] = []
+        quiet: list[_Inbound] = []
+        for inbound, reply in zip(inbounds, replies, strict=True):
+            if (
+                reply.error is None
+                and inbound.qos == 1
+                and inbound.response_topic is None
+                and reply.request_id is None
+                and reply.command not in QUERY_COMMANDS
+            ):
+                quiet.append(inbound)
+                link = inbound.link
+                if link.connected and inbound.conn_id == link.conn_id:
+                    acks.append(inbound.mid)
+                continue
+            self._ack_many(inbounds[0].link, acks)  # earlier PUBACKs go first
+            acks = []
+            self._settle(inbound, reply)
+        self._ack_many(inbounds[0].link, acks)
+        self._release(quiet)
+
+    @staticmethod
+    def _ack_many(link: _Link, mids: list[int]) -> None:
+        client = link.client
+        if mids and client is not None:
+            client.ack_many(mids)
 
     def _settle(self, inbound: _Inbound, reply: Reply) -> None:
         """A reply is known: ack and report it, or (`unavailable`, `internal`) retry."""

@@ -44,6 +44,11 @@ class Admission:
     held_bytes: int = 0
 
 
+#: The two answers for an admitted message, allocated once (this is per message).
+ADMITTED = Admission(True)
+WAKE = Admission(True, wake=True)
+
+
 class Inbox(Generic[T]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -66,9 +71,10 @@ class Inbox(Generic[T]):
             self._peak_count = max(self._peak_count, self._count)
             self._peak_bytes = max(self._peak_bytes, self._bytes)
             self._items.append(item)
-            wake = not self._scheduled
+            if self._scheduled:
+                return ADMITTED
             self._scheduled = True
-            return Admission(True, wake)
+            return WAKE
 
     def take(self) -> list[T]:
         """Everything put since the last `take()`; the next `put()` wakes the loop again."""
@@ -95,4 +101,4 @@ class Inbox(Generic[T]):
             )
 
 
-__all__ = ["MAX_PENDING_BYTES", "Admission", "Inbox", "PendingCommands"]
+__all__ = ["ADMITTED", "MAX_PENDING_BYTES", "WAKE", "Admission", "Inbox", "PendingCommands"]
