@@ -135,7 +135,7 @@ class Engine:
     ) -> Outcome:
         settings = self._settings_for(app)
         if settings is None:
-            # The config was reloaded between intake's check and this op.
+            # The config was reloaded between the dispatcher's check and this op.
             raise UnknownApp(f"unknown app {app!r}")
         state = self._pending.get(app, self._states.get(app))
         outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
