@@ -83,10 +83,13 @@ class PahoClient(paho.Client):
                     "info": None,
                 }
             )
+        if not mids:
+            return
         wake = self._sockpairW
-        if mids and wake is not None:
+        if wake is not None:
             with contextlib.suppress(BlockingIOError):
                 wake.send(b"0")
+        self._call_socket_register_write()  # as `_packet_queue` does: for an external loop
 
     def _thread_main(self) -> None:
         error: BaseException | None = None
