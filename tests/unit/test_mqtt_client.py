@@ -1,8 +1,11 @@
-"""`PahoClient`'s own PUBLISH decoding gives the message paho's decoder gives (no sockets: the
-packet is handed to the client as paho's reader would)."""
+"""`PahoClient`'s own PUBLISH decoding gives the message paho's decoder gives (the packet is
+handed to the client as paho's reader would), and its buffered reads lose nothing."""
 
 from __future__ import annotations
 
+import select
+import socket
+import time
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -68,3 +71,41 @@ def test_our_decoding_matches_paho(packet: dict[str, Any]) -> None:
         assert getattr(got, field) == getattr(expected, field), field
     if "properties" in packet:
         assert got.properties.ResponseTopic == "replies"  # type: ignore[union-attr]
+
+
+def encode(header: int, body: bytes) -> bytes:
+    length, remaining = b"", len(body)
+    while True:
+        digit, remaining = remaining % 128, remaining // 128
+        length += bytes([digit | (0x80 if remaining else 0)])
+        if not remaining:
+            return bytes([header]) + length + body
+
+
+def test_buffered_reads_leave_nothing_behind_for_select() -> None:
+    """Many packets arrive in one read, the last one split across two writes: every message
+    is delivered while waiting on the socket as paho's thread does (a packet left in the read
+    buffer would wait for more bytes that never come)."""
+    ours = clients(True)[1]
+    received: list[int] = []
+    ours.on_message = lambda c, u, message: received.append(message.mid)
+    stream = b"".join(
+        encode(*publish_packet(b"t/d/kiosk/command", b"x" * (i % 300), qos=1, mid=i))
+        for i in range(1, 501)
+    )
+    near, far = socket.socketpair()
+    with near, far:
+        near.setblocking(False)
+        ours._sock = near
+        far.sendall(stream[:-7])
+        deadline = time.monotonic() + 10
+        while len(received) < 499 and time.monotonic() < deadline:
+            if select.select([near], [], [], 0.5)[0]:
+                ours.loop_read()
+        assert received == list(range(1, 500))
+        far.sendall(stream[-7:])
+        while len(received) < 500 and time.monotonic() < deadline:
+            if select.select([near], [], [], 0.5)[0]:
+                ours.loop_read()
+        assert received == list(range(1, 501))
+    ours._sock = None
