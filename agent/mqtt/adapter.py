@@ -607,9 +607,12 @@ class MqttAdapter:
         group: list[Accepted] = []
         members: list[_Inbound] = []
         for index, inbound in enumerate(batch):
-            if self._stopping or inbound.link.closing:
+            if self._stopping:
                 self._release(batch[index:])
                 break  # unacked: redelivered to the next connection
+            if inbound.link.closing:  # its connection is being replaced: left unacked, the
+                self._release([inbound])  # broker redelivers it on the next one
+                continue
             prepared = self._prepare(inbound)
             if isinstance(prepared, Reply):
                 self._settle(inbound, prepared)
@@ -669,6 +672,8 @@ class MqttAdapter:
     def _settle_group(self, inbounds: list[_Inbound], replies: list[Reply]) -> None:
         """`_settle` for a committed group, with one wake-up of the network thread for the
         PUBACKs of all the quiet successes (no reply to publish), in the order received."""
+        # One link for all: `_drain_inbox` skips messages of a link being replaced.
+        link = inbounds[0].link
         acks: list[int] = []
         quiet: list[_Inbound] = []
         for inbound, reply in zip(inbounds, replies, strict=True):
@@ -680,14 +685,13 @@ class MqttAdapter:
                 and reply.command not in QUERY_COMMANDS
             ):
                 quiet.append(inbound)
-                link = inbound.link
                 if link.connected and inbound.conn_id == link.conn_id:
                     acks.append(inbound.mid)
                 continue
-            self._ack_many(inbounds[0].link, acks)  # earlier PUBACKs go first
+            self._ack_many(link, acks)  # earlier PUBACKs go first
             acks = []
             self._settle(inbound, reply)
-        self._ack_many(inbounds[0].link, acks)
+        self._ack_many(link, acks)
         self._release(quiet)
 
     @staticmethod
