@@ -365,9 +365,6 @@ class _Connection(asyncio.Protocol):
         self._closing = True
         self._flush_replies()
 
-    def in_flight(self) -> int:
-        return sum(1 for slot in self._replies if slot.line is None)
-
     # -- idleness ---------------------------------------------------------------------------
     def _touch(self) -> None:
         if self._loop is not None:
@@ -535,9 +532,6 @@ class SocketServer:
             self._server.close()
         for connection in list(self.connections):
             connection._flush_replies()
-
-    def in_flight(self) -> int:
-        return sum(connection.in_flight() for connection in self.connections)
 
     async def close(self) -> None:
         self.stop_accepting()
