@@ -857,21 +857,6 @@ class Store:
         )
         return [_item(row) for row in rows]
 
-    def held_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
-        """Held items (see `Txn.set_held`), oldest first."""
-        if self._published.held == 0:
-            return []
-        rows = (
-            self.reader()
-            .execute(
-                f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id > ? AND held != 0 "
-                "ORDER BY id LIMIT ?",
-                (after_id, limit),
-            )
-            .fetchall()
-        )
-        return [_item(row) for row in rows]
-
     def get_item(self, item_id: int) -> QueuedItem | None:
         row = (
             self.reader()

@@ -39,7 +39,7 @@ class QueueStats:
     oldest_age: float | None  # seconds since the oldest queued item was accepted
     #: Dead letters removed to keep `queue.max_dead_letter_bytes` (oldest first).
     dead_letters_dropped: int = 0
-    #: Queued items held back from upload (waiting for the true time; see `Txn.set_held`).
+    #: Queued items held back from upload (waiting for the true time; docs/tracking.md).
     held: int = 0
 
 

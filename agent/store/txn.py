@@ -344,7 +344,7 @@ class Txn:
 
         `app`, `boot_id` and `mono` (monotonic seconds at accept) are recorded with every row;
         the kind (event type, or `customer`) is read from the payload. `held` rows wait in
-        the queue and are not uploaded until `set_held(ids, False)`.
+        the queue until the clock's rule releases them (`Store.read_batch`, `release=`).
 
         Raises `QueueFull` when the items alone exceed `max_bytes`, or when the cap is reached
         under the `reject` policy; under `drop_oldest` the oldest rows (of any project) go.
@@ -629,65 +629,6 @@ class Txn:
         return self._delete_outbox(
             "project_id IN (SELECT id FROM projects WHERE project_token = ?)", (project_token,)
         )[0]
-
-    def set_held(self, ids: Iterable[int], held: bool) -> int:
-        """Hold queued items back from upload, or release them; returns how many changed.
-
-        Held items stay queued (and count toward `max_bytes`); the uploader's reads skip them
-        (`Store.read_batch`). Ids already gone or already in that state are ignored.
-        """
-        self._check()
-        counters = self._state.counters
-        changed = 0
-        for chunk in _chunks(ids):
-            rows = (
-                self._sql()
-                .execute(
-                    f"UPDATE outbox SET held = ? WHERE id IN ({_marks(len(chunk))}) "
-                    "AND held != ? RETURNING id, project_id",
-                    (int(held), *chunk, int(held)),
-                )
-                .fetchall()
-            )
-            for row_id, project_id in rows:
-                if held:
-                    counters.held += 1
-                    counters.unsendable(project_id)
-                else:
-                    counters.held -= 1
-                    counters.add_sendable(project_id, 1, row_id)
-                    self.enqueued_projects.add(project_id)
-            changed += len(rows)
-        return changed
-
-    def rewrite(self, items: Iterable[tuple[int, Mapping[str, Any], float]]) -> int:
-        """Replace queued items' payloads and accept times, given as (id, payload, created_at)
-        (a clock correction shifts both); returns how many were found. The byte counter
-        follows the new sizes exactly; a payload that grew by a few bytes is not a reason to
-        evict anything, so the queue may exceed `max_bytes` by that much until the next
-        command makes room."""
-        self._check()
-        counters = self._state.counters
-        encode = self._state.encode
-        found = 0
-        for item_id, payload, created_at in items:
-            data = encode(payload)
-            row = (
-                self._sql()
-                .execute("SELECT size FROM outbox WHERE id = ?", (int(item_id),))
-                .fetchone()
-            )
-            if row is None:
-                continue
-            self._sql().execute(
-                "UPDATE outbox SET payload = ?, size = ?, created_at = ? WHERE id = ?",
-                (data, len(data), float(created_at), int(item_id)),
-            )
-            counters.bytes += len(data) - int(row[0])
-            found += 1
-        if found:
-            self._state.head_dirty = True
-        return found
 
     # -- projects, state, meta -----------------------------------------------------------------
     def project_for(self, project: Project) -> ProjectRow:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.clock import Releasable
 from agent.store import SCHEMA_VERSION, QueueEntry, Store
 from agent.store.schema import PAGE_SIZE
 from agent.tracker.model import OutboundItem, Project
@@ -252,19 +253,12 @@ def test_held_items_wait_and_are_counted(store: Store) -> None:
     track(store, item(0), item(1), held=True)
     track(store, item(2))
     p1 = store.project_for(P1).id
-    held_ids = [i.id for i in store.held_items()]
+    held_ids = [i.id for i in store.list_items() if i.held]
     assert len(held_ids) == 2
     assert [i.id for i in store.read_batch(p1, 10)] == [store.list_items()[2].id]
     assert (store.stats().items, store.stats().held) == (3, 2)
-    assert store.submit(lambda t: t.set_held(held_ids[:1], False)).result() == 1
-    assert store.submit(lambda t: t.set_held(held_ids[:1], False)).result() == 0
-    assert [i.id for i in store.read_batch(p1, 10)] == [held_ids[0], store.list_items()[2].id]
-    sendable = [i.id for i in store.read_batch(p1, 10)]
-    assert store.submit(lambda t: t.set_held(sendable, True)).result() == 2
-    assert store.read_batch(p1, 10) == []
-    assert store.stats().held == 3
-    store.submit(lambda t: t.ack(held_ids)).result()
-    assert (store.stats().items, store.stats().held) == (1, 1)
+    store.submit(lambda t: t.ack(held_ids[:1])).result()
+    assert (store.stats().items, store.stats().held) == (2, 1)
     assert_counters_match_file(store)
 
 
@@ -368,10 +362,11 @@ def test_held_and_sendable_are_counted_again_at_open(tmp_path: Path) -> None:
         assert s.stats().held == 2
         p1, p2 = s.project_for(P1).id, s.project_for(P2).id
         assert len(s.read_batch(p1, 10)) == 3 and len(s.read_batch(p2, 10)) == 1
-        held = [i.id for i in s.held_items()]
-        s.submit(lambda t: t.set_held(held, False)).result()
-        assert len(s.read_batch(p1, 10)) == 4 and len(s.read_batch(p2, 10)) == 2
-        assert s.read_batch(p1, 10)[0].id == held[0]
+        held = [i.id for i in s.list_items() if i.held]
+        boot_1 = Releasable(False, ("boot-1",), "boot-2", -1.0, earlier_boots=False)
+        assert len(s.read_batch(p1, 10, release=boot_1)) == 4
+        assert len(s.read_batch(p2, 10, release=boot_1)) == 2
+        assert s.read_batch(p1, 10, release=boot_1)[0].id == held[0]
     finally:
         s.close()
 
@@ -393,19 +388,3 @@ def test_commands_and_drains_leave_meta_alone(store: Store) -> None:
         assert meta_rows(store) == after_first_drain
         store.submit(lambda t: t.ack([i.id for i in store.list_items()])).result()
         assert meta_rows(store) == after_first_drain
-
-
-def test_rewrite_keeps_the_byte_count_exact(store: Store) -> None:
-    track(store, item(0, size=200), item(1, size=300), held=True)
-    first, _ = store.held_items()
-    shifted = {"name": "customers/events", "data": {"timestamp": 1234567890.125, "n": 0}}
-    assert (
-        store.submit(lambda t: t.rewrite([(first.id, shifted, 500.0), (10**9, {}, 1.0)])).result()
-        == 1
-    )
-    rewritten = store.get_item(first.id)
-    assert rewritten is not None and json.loads(rewritten.payload) == shifted
-    assert rewritten.created_at == 500.0 and rewritten.held
-    assert store.stats().bytes == len(rewritten.payload) + 300
-    assert store.stats().oldest_age is not None and store.stats().oldest_age > 1000
-    assert_counters_match_file(store)
