@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:
         url = stack.enter_context(api_stub())
-        broker = MosquittoBroker(Path(tmp))
-        broker.start()
-        stack.callback(broker.stop)
+        broker = stack.enter_context(MosquittoBroker(Path(tmp)))
 
         cold, warm = start_times(url, starts)
         rows.append(

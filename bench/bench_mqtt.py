@@ -261,11 +261,8 @@ def main() -> None:
     how = "paho driven from the loop" if args.paho_from_loop else "committed"
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         directory = Path(tmp)
-        broker = MosquittoBroker(directory / "broker", ["max_queued_messages 0"])
-        broker.directory.mkdir()
         lines = directory / "commands.ndjson"
         write_lines(lines, args.count)
-        broker.start()
         rows: list[tuple[str, list[float], list[float]]] = [
             ("mosquitto_sub -q 1 (C baseline)", [], []),
             *(
@@ -273,7 +270,7 @@ def main() -> None:
                 for p in protocols
             ),
         ]
-        try:
+        with MosquittoBroker(directory / "broker", ["max_queued_messages 0"]) as broker:
             for round_no in range(args.rounds):
                 rows[0][1].append(baseline(broker, lines, args.count, round_no))
                 for row, protocol in zip(rows[1:], protocols, strict=True):
@@ -284,8 +281,6 @@ def main() -> None:
                     )
                     row[1].append(rate)
                     row[2].append(cpu)
-        finally:
-            broker.stop()
     print(
         f"\nMQTT QoS 1 ingest, {args.count:,} commands from mosquitto_pub -l, "
         f"{args.rounds} round(s), median\n"

@@ -14,10 +14,5 @@ from tests.reliability.harness import BROKER_CONFIG
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A private Mosquitto that never drops queued messages for an offline session."""
-    instance = MosquittoBroker(tmp_path / "mosquitto", BROKER_CONFIG)
-    instance.directory.mkdir(parents=True, exist_ok=True)
-    instance.start()
-    try:
+    with MosquittoBroker(tmp_path / "mosquitto", BROKER_CONFIG) as instance:
         yield instance
-    finally:
-        instance.stop()
