@@ -15,6 +15,7 @@ import pytest
 from agent.errors import InvalidState, QueueFull, Unavailable
 from agent.store import Store, Txn
 from agent.tracker.model import AppState, OutboundItem, Project
+from tests.fixtures.daemon import wait_for
 from tests.unit.test_store_helpers import (
     P1,
     P2,
@@ -24,7 +25,6 @@ from tests.unit.test_store_helpers import (
     enqueue,
     file_totals,
     item,
-    wait_until,
     writer_blocked,
 )
 
@@ -482,7 +482,7 @@ def test_close_drains_then_refuses(tmp_path: Path) -> None:
         futures = [s.submit(lambda t, n=n: t.enqueue([item(n)], 1.0)) for n in range(50)]
         closer = threading.Thread(target=s.close)
         closer.start()
-        wait_until(lambda: s.submit(lambda t: None).exception() is not None)
+        wait_for(lambda: s.submit(lambda t: None).exception() is not None, 20, "refusal")
     closer.join()
     assert all(f.result() is None for f in futures)
     with pytest.raises(Unavailable):
@@ -494,8 +494,8 @@ def test_writer_healthy_reports_a_stall(store: Store) -> None:
     assert store.writer_healthy(0.01)
     with writer_blocked(store):
         store.submit(lambda t: None)
-        wait_until(lambda: not store.writer_healthy(0.01))
-    wait_until(lambda: store.writer_healthy(0.01))
+        wait_for(lambda: not store.writer_healthy(0.01), 20, "the stall to show")
+    wait_for(lambda: store.writer_healthy(0.01), 20, "the writer healthy again")
     store.close()
     assert not store.writer_healthy(60)
 

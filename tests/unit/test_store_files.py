@@ -16,6 +16,7 @@ import pytest
 from agent.errors import Unavailable
 from agent.store import SCHEMA_VERSION, Store, StoreError, StoreLocked, Txn
 from agent.tracker.model import AppState, OutboundItem
+from tests.fixtures.daemon import wait_for
 from tests.unit.test_store_helpers import (
     P1,
     P2,
@@ -23,7 +24,6 @@ from tests.unit.test_store_helpers import (
     config,
     enqueue,
     item,
-    wait_until,
 )
 
 
@@ -356,6 +356,6 @@ def test_purge_gives_space_back(tmp_path: Path) -> None:
             enqueue(s, *[item(n * 100 + k, size=1000) for k in range(100)])
         big = checkpointed_size(s)
         s.submit(lambda t: t.purge()).result()
-        wait_until(lambda: checkpointed_size(s) < big / 4)
+        wait_for(lambda: checkpointed_size(s) < big / 4, 20, "the file to shrink")
     finally:
         s.close()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,6 @@ def item(n: int = 0, project: Project = P1, size: int = 100) -> OutboundItem:
     overhead = len(b'{"name":"customers/events","data":{"n":,"pad":""}}') + len(str(n))
     base["data"]["pad"] = "x" * (size - overhead)  # type: ignore[index]
     return OutboundItem(project, "track_event", base)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.002)
 
 
 def file_totals(path: Path | str) -> tuple[int, int, int, int]:

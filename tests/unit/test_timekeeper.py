@@ -25,7 +25,8 @@ from agent.clock import (
 from agent.store import Store
 from agent.sync.transport import Response, TimeSample
 from agent.timekeeper import ANCHORS_META, Timekeeper, stamp_of
-from tests.unit.test_store_helpers import P1, config, item, wait_until
+from tests.fixtures.daemon import wait_for
+from tests.unit.test_store_helpers import P1, config, item
 
 SETTINGS = ClockSettings(hold_unsynced=True, max_hold=600.0, min_correction=5.0)
 SYNCED = KernelClock(state=0, status=0, maxerror_us=1000)
@@ -96,7 +97,7 @@ def test_anchors_survive_a_restart_within_the_boot_but_not_a_reboot(store: Store
     first.observe_probe(TimeSample(time.time() + 3 * 86400, 0.01, time.time(), None))
     assert first.truth_known and woken == [True]
     assert first.status()["source"] == "api"
-    wait_until(lambda: store.get_meta(ANCHORS_META) is not None)
+    wait_for(lambda: store.get_meta(ANCHORS_META) is not None, 20, "the anchors saved")
     again = Timekeeper(store, SETTINGS, boot_id="boot-1", read_kernel=lambda: UNSYNCED)
     again.load()
     assert again.truth_known
