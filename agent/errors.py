@@ -1,4 +1,5 @@
-"""Every error a client can see, as exception classes mapped to the SPEC's codes in one place.
+"""Every error a client can see, as exception classes mapped to the protocol's codes in one place
+(docs/protocol.md, "Replies").
 
 Adapters (socket, MQTT, CLI) never invent codes: they catch `AgentError` and turn it into a
 reply with `to_reply_error()`. Anything else that escapes is reported as `internal`.
@@ -38,7 +39,8 @@ PERMANENT_CODES = frozenset(
 
 
 class AgentError(Exception):
-    """An error with a SPEC error code; `details` lists field paths and reasons, never values."""
+    """An error with a protocol error code (docs/protocol.md); `details` lists field paths and
+    reasons, never values."""
 
     code: ErrorCode = ErrorCode.INTERNAL
 

@@ -1,4 +1,4 @@
-"""systemd service notifications (sd_notify protocol) for `Type=notify` (SPEC §10).
+"""systemd service notifications (sd_notify protocol) for `Type=notify` (docs/operations.md).
 
 A thin layer over `sdnotify` that adds what the daemon needs from it: it is a silent no-op
 without `$NOTIFY_SOCKET` (running by hand, in tests), it never raises into the caller (a lost

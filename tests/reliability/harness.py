@@ -1,11 +1,11 @@
 """Shared pieces of the fault-injection suite: producers that know what was acknowledged, and a
 checker that compares that with what reached the API stand-in.
 
-The invariant every test checks (SPEC §3, §6): every acknowledged command's items are
-delivered to the API at least once — or dead-lettered, or evicted by the cap policy and counted
-in `queue.dropped` — never silently lost. Each produced command is a `track_event` named
-`EVENT` with a unique `properties.rid`, so the checker can tell exactly which ids arrived and
-how often.
+The invariant every test checks (docs/protocol.md, docs/sync.md): every acknowledged command's
+items are delivered to the API at least once — or dead-lettered, or evicted by the cap policy
+and counted in `queue.dropped` — never silently lost. Each produced command is a `track_event`
+named `EVENT` with a unique `properties.rid`, so the checker can tell exactly which ids arrived
+and how often.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tests.fixtures.daemon import AgentProcess, wait_for
 
 #: The event type every producer uses; other events (installation, sessions) are ignored.
 EVENT = "rel"
-#: Every error code a reply may carry (SPEC §3).
+#: Every error code a reply may carry (docs/protocol.md, "Replies").
 SPEC_ERROR_CODES = frozenset(
     {
         "invalid_json",

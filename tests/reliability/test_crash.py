@@ -1,8 +1,8 @@
 """kill -9 at arbitrary moments: during socket ingest, MQTT ingest and uploads.
 
 After every crash the agent is restarted on the same database; at the end the queue is
-drained to the API stand-in and every acknowledged id must be there (SPEC §3: `ok: true`
-means committed; §6: at-least-once delivery).
+drained to the API stand-in and every acknowledged id must be there (docs/protocol.md: `ok: true`
+means committed; docs/sync.md: at-least-once delivery).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hostile input against one running agent: fuzzed socket lines and MQTT payloads, a slow
 client, a connection flood. The agent keeps serving well-formed clients, every reply is one
-valid JSON line with a SPEC error code, and nothing it accepted is lost."""
+valid JSON line with a documented error code, and nothing it accepted is lost."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """SIGTERM (systemctl stop) in the middle of work: exit 0 within a few seconds, lose nothing.
 
-SPEC §10: on SIGTERM the agent stops taking commands, finishes in-flight ones, tries one last
-flush bounded by a few seconds, and exits 0. Whatever it could not send is there after restart.
+docs/sync.md ("Flush modes"): on SIGTERM the agent stops taking commands, finishes in-flight
+ones, tries one last flush bounded by a few seconds, and exits 0. Whatever it could not send
+is there after restart.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The API stand-in answers like the Engagement API and misbehaves on request.
 
-Its fidelity is what the sync tests rest on, so the shapes here follow REFERENCE.md's
-"Engagement Tracking API" section.
+Its fidelity is what the sync tests rest on, so the shapes here follow docs/sync.md
+("What is sent", "When things go wrong") and the stand-in's own section there.
 """
 
 from __future__ import annotations

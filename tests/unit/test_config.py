@@ -1,5 +1,5 @@
 """Configuration loading: every problem with its key path, env overrides, `*_file` secrets,
-defaults for a first try and under systemd (SPEC §7, §11)."""
+defaults for a first try and under systemd (docs/configuration.md)."""
 
 from __future__ import annotations
 

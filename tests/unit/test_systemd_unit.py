@@ -1,5 +1,5 @@
 """The systemd unit and snippets: `systemd-analyze verify`, a hardening score ≤ 2.0 and the
-settings other parts rely on (SPEC §10, §11)."""
+settings other parts rely on (docs/operations.md, docs/deploy.md)."""
 
 from __future__ import annotations
 
