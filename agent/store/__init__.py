@@ -9,7 +9,8 @@
 
 Modules: `model` (values and errors), `schema` (DDL, pragmas, migrations), `files` (lock,
 start-up check, moving a corrupt file aside), `txn` (what an op may do; exact counters),
-`core` (the Store and its writer thread).
+`core` (the Store: lifecycle, the writer thread, connections), `reads` (stats, listings and
+the uploader's batches, without the writer).
 """
 
 from __future__ import annotations
