@@ -8,7 +8,8 @@
     store.close()                      # drains submitted ops
 
 Modules: `model` (values and errors), `schema` (DDL, pragmas, migrations), `files` (lock,
-start-up check, moving a corrupt file aside), `txn` (what an op may do; exact counters),
+start-up check, moving a corrupt file aside), `writer_state` (what the writer owns: exact
+counters, committed project rows, buffered writes), `txn` (what an op may do),
 `core` (the Store: lifecycle, the writer thread, connections), `reads` (stats, listings and
 the uploader's batches, without the writer).
 """

@@ -28,7 +28,8 @@ from agent.store.model import (
     StoreLocked,
 )
 from agent.store.reads import StoreReads
-from agent.store.txn import UPSERT_META, Counters, Txn, WriterState, project_key
+from agent.store.txn import Txn
+from agent.store.writer_state import UPSERT_META, Counters, WriterState, project_key
 from agent.tracker.model import Project
 
 T = TypeVar("T")

@@ -22,7 +22,7 @@ from agent.store.model import (
     QueueEntry,
     QueueStats,
 )
-from agent.store.txn import Counters
+from agent.store.writer_state import Counters
 from agent.tracker.model import AppState
 
 log = logging.getLogger("engagement_agent.store")
