@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,9 +31,7 @@ from agent.config import AgentConfig
 from agent.store import Store, Txn
 from agent.sync import Syncer
 from agent.tracker.model import OutboundItem, Project
-
-TOKEN, KEY = "bench-project", "bench-key"
-STUB_COMMAND = (sys.executable, "-m", "agent_devtools.apistub")
+from bench.bench_socket import KEY, TOKEN, api_stub
 
 
 def make_item(project: Project, n: int) -> OutboundItem:
@@ -69,21 +66,8 @@ def enqueue(items: list[OutboundItem], txn: Txn) -> None:
     txn.enqueue(items, time.time())
 
 
-def start_stub() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*STUB_COMMAND, "--port", "0", "--project", f"{TOKEN}:{KEY}"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
-
-
 def run(items: int, durability: str, batch_size: int) -> dict[str, Any]:
-    stub, url = start_stub()
-    tmp = tempfile.mkdtemp(prefix="bench-sync-")
-    try:
+    with api_stub() as url, tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
         project = Project(TOKEN, KEY, url)
         config = AgentConfig.model_validate(
             {
@@ -126,12 +110,6 @@ def run(items: int, durability: str, batch_size: int) -> dict[str, Any]:
             "agent_cpu_s": cpu,
             "commits": commits,
         }
-    finally:
-        stub.terminate()
-        stub.wait(10)
-        for name in os.listdir(tmp):
-            os.unlink(os.path.join(tmp, name))
-        os.rmdir(tmp)
 
 
 def main() -> int:
