@@ -18,7 +18,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -469,14 +469,6 @@ def kill_at_random(agent: AgentProcess, rng: random.Random, low: float, high: fl
     time.sleep(delay)  # the randomness *is* the test: a crash at an arbitrary moment
     agent.kill()
     return delay
-
-
-def with_log(agent: AgentProcess, fn: Callable[[], Any]) -> Any:
-    """Run `fn`; on an assertion failure attach the agent's log tail."""
-    try:
-        return fn()
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\nagent log (tail):\n{agent.log()[-6000:]}") from None
 
 
 # --------------------------------------------------------------------------- network flaps
