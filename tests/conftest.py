@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.daemon",
     "tests.fixtures.api",
     "tests.fixtures.mosquitto",
+    "tests.fixtures.relay",
 ]
