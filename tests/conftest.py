@@ -5,4 +5,6 @@ pytest_plugins = [
     "tests.fixtures.api",
     "tests.fixtures.mosquitto",
     "tests.fixtures.relay",
+    "tests.fixtures.rabbitmq",
+    "tests.fixtures.storage",
 ]
