@@ -210,6 +210,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
     sync_args = ["--items", "20000", "--runs", "1"] if quick else []
     mqtt_args = ["--count", "10000", "--rounds", "1"] if quick else []
     socket_args = ["--quick"] if quick else []
+    fleet_args = ["--agents", "10", "--steady", "30", "--outage", "30"] if quick else []
     daemon_args = ["--quick"] if quick else []
     if million:
         queue_args.append("--million")
@@ -223,6 +224,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
     result += [
         Bench("socket", "bench_socket.py", socket_args, json_rows),
         Bench("daemon", "bench_daemon.py", daemon_args, json_rows),
+        Bench("fleet", "bench_fleet.py", fleet_args, json_rows),
     ]
     return result
 
