@@ -13,7 +13,6 @@ an agent whose request timeout only bounds each read waits minutes on a trickle,
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.fixtures.relay import Mode, Relay
-from tests.integration.test_mqtt_e2e import Subscriber
+from tests.integration.test_mqtt_e2e import Subscriber, publish
 
 #: `sync.timeout` in these tests: the whole request, connect to last body byte.
 REQUEST_TIMEOUT = 3.0
@@ -106,69 +105,69 @@ def api_agent(
     return agent, relay
 
 
+def break_api(
+    agent: AgentProcess, relay: Relay, mode: Mode, accept: Callable[[str], bool], what: str
+) -> tuple[set[str], str]:
+    """Switch the relay to `mode`, track five events (all acked), wait for the backoff whose
+    `last_error` `accept`s; return the events and that error."""
+    relay.set_mode(mode)
+    names = {f"{mode.value}{i}" for i in range(5)}
+    for name in sorted(names):
+        track(agent, name)
+    error = wait_backoff(agent, accept, what)
+    assert agent.status()["queue"]["items"] >= 1  # nothing was dropped meanwhile
+    return names, error
+
+
+def heal_api(agent: AgentProcess, relay: Relay, api: ApiStub, names: set[str]) -> None:
+    relay.set_mode(Mode.PASS)
+    wait_drained(agent, api, names)
+
+
 def test_api_black_hole_is_detected_and_heals(
     api_agent: tuple[AgentProcess, Relay], api_stub: ApiStub
 ) -> None:
     agent, relay = api_agent
-    relay.set_mode(Mode.BLACKHOLE)
-    names = {f"hole{i}" for i in range(5)}
-    for name in sorted(names):
-        track(agent, name)
-    error = wait_backoff(agent, lambda e: "timed out" in e, "backoff after a silent API")
+    names, error = break_api(
+        agent, relay, Mode.BLACKHOLE, lambda e: "timed out" in e, "backoff after a silent API"
+    )
     assert "refused" not in error
-    assert agent.status()["queue"]["items"] >= 1  # nothing was dropped while the API was silent
     assert not names & event_names(api_stub)  # the black hole really held them
-    relay.set_mode(Mode.PASS)
-    wait_drained(agent, api_stub, names)
+    heal_api(agent, relay, api_stub, names)
 
 
 def test_trickling_response_is_bounded_by_the_request_timeout(
     api_agent: tuple[AgentProcess, Relay], api_stub: ApiStub
 ) -> None:
-    agent, relay = api_agent
-    relay.set_mode(Mode.TRICKLE)
-    names = {f"slow{i}" for i in range(5)}
-    for name in sorted(names):
-        track(agent, name)
     # The request reaches the API (only the response trickles), so the stand-in may well have
     # the events already; the agent must not take that for granted without the full answer.
-    wait_backoff(agent, lambda e: "timed out" in e, "backoff after a trickling response")
-    assert agent.status()["queue"]["items"] >= 1
-    relay.set_mode(Mode.PASS)
-    wait_drained(agent, api_stub, names)
+    agent, relay = api_agent
+    names, _ = break_api(
+        agent,
+        relay,
+        Mode.TRICKLE,
+        lambda e: "timed out" in e,
+        "backoff after a trickling response",
+    )
+    heal_api(agent, relay, api_stub, names)
 
 
 def test_refused_connection_is_named_as_refused_and_heals(
     api_agent: tuple[AgentProcess, Relay], api_stub: ApiStub
 ) -> None:
-    agent, relay = api_agent
-    relay.set_mode(Mode.REFUSE)
-    names = {f"refused{i}" for i in range(5)}
-    for name in sorted(names):
-        track(agent, name)
     # The kept-alive connection is reset first ("connection lost"); the attempts after that
     # are refused, and the error must say so rather than call it a timeout.
-    error = wait_backoff(
+    agent, relay = api_agent
+    names, error = break_api(
         agent,
+        relay,
+        Mode.REFUSE,
         lambda e: "refused" in e.lower() or "timed out" in e,
         "backoff naming the refused connection",
     )
     assert "refused" in error.lower(), error
     assert "timed out" not in error, error
-    relay.set_mode(Mode.PASS)
-    wait_drained(agent, api_stub, names)
-
-
-def publish(port: int, payload: str) -> None:
-    """QoS 1 straight to the broker (not through the relay): the broker has it once this returns."""
-    subprocess.run(
-        [
-            "mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1",
-            "-t", f"engagement/{DEVICE}/kiosk-ui/command", "-m", payload,
-        ],
-        check=True,
-        timeout=30,
-    )  # fmt: skip
+    heal_api(agent, relay, api_stub, names)
 
 
 def test_broker_link_dying_without_fin_is_detected_and_heals(
@@ -195,13 +194,14 @@ def test_broker_link_dying_without_fin_is_detected_and_heals(
     wait_for(lambda: agent.status()["mqtt"]["connected"], 15, "the agent's MQTT connection")
     watcher = Subscriber(mosquitto.port, f"engagement/{DEVICE}/status")
     try:
-        publish(mosquitto.port, json.dumps({"command": "track_event", "name": "linked"}))
+        publish(mosquitto, "kiosk-ui", json.dumps({"command": "track_event", "name": "linked"}))
         wait_for(lambda: "linked" in event_names(api_stub), 15, "a command through the link")
 
         relay.set_mode(Mode.CUT)
+        # Published straight to the broker (not through the relay): it holds them for the agent.
         names = {f"cut{i}" for i in range(5)}
         for name in sorted(names):
-            publish(mosquitto.port, json.dumps({"command": "track_event", "name": name}))
+            publish(mosquitto, "kiosk-ui", json.dumps({"command": "track_event", "name": name}))
         # Both ends notice by their keepalive alone: the agent (no PINGRESP) ...
         wait_for(
             lambda: agent.status()["mqtt"]["connected"] is False,
