@@ -165,7 +165,7 @@ class ApiProcess:
         seqs: dict[str, set[int]] = defaultdict(set)
         for path in sorted(self.directory.glob("api-*.json")):
             data = json.loads(path.read_text())
-            log += [tuple(entry) for entry in data["log"]]  # type: ignore[misc]
+            log += [(float(at), int(status), int(n)) for at, status, n in data["log"]]
             for project, numbers in data["seqs"].items():
                 seqs[project].update(numbers)
         log.sort()

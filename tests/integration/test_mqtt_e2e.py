@@ -9,6 +9,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from agent.apistub import ApiStub
 from tests.fixtures.api import api_project
@@ -23,7 +24,7 @@ class Subscriber:
     """An app-side client that records every message on the topics it subscribed to."""
 
     def __init__(
-        self, port: int, topic: str, protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5
+        self, port: int, topic: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
     ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from agent.apistub import ApiStub
 from tests.fixtures.api import api_project
@@ -116,7 +116,7 @@ def test_retained_status_and_last_will_on_the_exact_topic(
     agent = rabbit_agent(make_agent, rabbitmq, api_stub, device)
     wait_connected(agent)
     # RabbitMQ 3.10 hands out retained messages only to exact-topic subscriptions.
-    watcher = Subscriber(rabbitmq.mqtt_port, topic, protocol=mqtt.MQTTv311)
+    watcher = Subscriber(rabbitmq.mqtt_port, topic, protocol=MQTTProtocolVersion.MQTTv311)
     try:
         first = wait_for(lambda: watcher.on(topic), 30, "the retained status")[0]
         assert first["online"] is True
@@ -126,7 +126,7 @@ def test_retained_status_and_last_will_on_the_exact_topic(
     finally:
         watcher.close()
     # A new subscriber gets the will as the retained status: the device shows offline.
-    late = Subscriber(rabbitmq.mqtt_port, topic, protocol=mqtt.MQTTv311)
+    late = Subscriber(rabbitmq.mqtt_port, topic, protocol=MQTTProtocolVersion.MQTTv311)
     try:
         wait_for(lambda: late.on(topic) == [{"online": False}], 30, "the retained will")
     finally:
