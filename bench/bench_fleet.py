@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_socket import Row, make_row, print_rows, write_json
 
-from agent.apistub import ApiStub, Fault, Received, RequestRecord
+from agent_devtools.apistub import ApiStub, RateLimit, Received, RequestRecord
 from tests.fixtures.daemon import AgentProcess, SocketClient
 from tests.fixtures.mosquitto import MosquittoBroker, free_port
 
@@ -71,28 +70,14 @@ def device_name(i: int) -> str:
 
 # -- the API stand-in with a per-client rate limit (its own process) ----------------------------
 class RateLimitedApi(ApiStub):
-    """The stand-in with a token bucket per client (project token): 429 + `Retry-After` above
-    `rate` requests/s, the bucket holding one second's worth. It keeps compact recordings (a
-    long run would otherwise hold every command) and hands them out as `/_stub/received`."""
+    """The stand-in with its per-client rate limit (429 + `Retry-After` above `rate`
+    requests/s), a client being a project token. It keeps compact recordings (a long run would
+    otherwise hold every command) and hands them out as `/_stub/received`."""
 
     def __init__(self, port: int, projects: dict[str, str], rate: float) -> None:
-        super().__init__("127.0.0.1", port, projects)
-        self.rate = rate
-        self.buckets: dict[str, tuple[float, float]] = {}  # project -> (tokens, at)
+        super().__init__("127.0.0.1", port, projects, rate_limit=RateLimit(rate, by="project"))
         self.log: list[tuple[float, int, int]] = []  # (monotonic at, status, commands)
         self.seqs: dict[str, list[int]] = defaultdict(list)
-
-    def _take_fault(self, project: str) -> Fault | None:
-        now = time.monotonic()
-        with self._cond:
-            tokens, at = self.buckets.get(project, (self.rate, now))
-            tokens = min(self.rate, tokens + (now - at) * self.rate)
-            if tokens >= 1.0:
-                self.buckets[project] = (tokens - 1.0, now)
-                return None
-            self.buckets[project] = (tokens, now)
-        wait = max(1, math.ceil((1.0 - tokens) / self.rate))
-        return Fault(status=429, retry_after=str(wait), body={"success": False, "error": "rate"})
 
     def _record(self, record: RequestRecord, accepted: list[Received]) -> None:
         with self._cond:

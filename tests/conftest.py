@@ -7,4 +7,6 @@ pytest_plugins = [
     "tests.fixtures.relay",
     "tests.fixtures.rabbitmq",
     "tests.fixtures.storage",
+    "tests.fixtures.tinyproxy",
+    "tests.fixtures.sync",
 ]

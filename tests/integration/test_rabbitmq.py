@@ -17,7 +17,7 @@ from typing import Any
 
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from agent.apistub import ApiStub
+from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.rabbitmq import RabbitMQNode
