@@ -11,7 +11,8 @@ What an operator of a fleet would measure (docs/fleet.md):
   default except the broker and API addresses.
 - One private Mosquitto (connection messages in its log) and one API stand-in in its own
   process that answers 429 with `Retry-After` above `--api-rate` requests/s per client (a
-  client is a project token here: on 127.0.0.1 every agent has the same IP).
+  client is a project token by default: on 127.0.0.1 every agent has the same IP, so
+  `--api-rate-by ip` makes the whole fleet one store behind one NAT, as the API counts).
 - Steady load: every device's app tracks `--rate` events/s (default 5) over the agent's socket;
   every `ok` reply is an acknowledged command that must reach the API.
 - Then the broker and the API go away for `--outage` seconds (default 120; the apps keep
@@ -74,8 +75,8 @@ class RateLimitedApi(ApiStub):
     requests/s), a client being a project token. It keeps compact recordings (a long run would
     otherwise hold every command) and hands them out as `/_stub/received`."""
 
-    def __init__(self, port: int, projects: dict[str, str], rate: float) -> None:
-        super().__init__("127.0.0.1", port, projects, rate_limit=RateLimit(rate, by="project"))
+    def __init__(self, port: int, projects: dict[str, str], limit: RateLimit) -> None:
+        super().__init__("127.0.0.1", port, projects, rate_limit=limit)
         self.log: list[tuple[float, int, int]] = []  # (monotonic at, status, commands)
         self.seqs: dict[str, list[int]] = defaultdict(list)
 
@@ -94,10 +95,10 @@ class RateLimitedApi(ApiStub):
             return {"log": list(self.log), "seqs": dict(self.seqs)}
 
 
-def serve_api(port: int, clients: int, rate: float, stats: Path) -> int:
+def serve_api(port: int, clients: int, limit: RateLimit, stats: Path) -> int:
     """`bench_fleet.py --serve-api`: serve until SIGTERM, then write the recordings to `stats`."""
     projects = {device_name(i): f"key-{device_name(i)}" for i in range(clients)}
-    api = RateLimitedApi(port, projects, rate)
+    api = RateLimitedApi(port, projects, limit)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     api.start()
@@ -112,10 +113,10 @@ def serve_api(port: int, clients: int, rate: float, stats: Path) -> int:
 class ApiProcess:
     """The rate-limited stand-in as a subprocess that can go away and come back on one port."""
 
-    def __init__(self, directory: Path, clients: int, rate: float) -> None:
+    def __init__(self, directory: Path, clients: int, limit: RateLimit) -> None:
         self.directory = directory
         self.clients = clients
-        self.rate = rate
+        self.limit = limit
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[str] | None = None
@@ -127,7 +128,7 @@ class ApiProcess:
             [
                 sys.executable, str(Path(__file__).resolve()), "--serve-api",
                 "--port", str(self.port), "--agents", str(self.clients),
-                "--api-rate", str(self.rate),
+                "--api-rate", str(self.limit.per_second), "--api-rate-by", self.limit.by,
                 "--stats", str(self.directory / f"api-{self.runs}.json"),
             ],
             cwd=REPO,
@@ -266,14 +267,14 @@ def wait_until(condition: Any, timeout: float, poll: float = 0.5) -> float | Non
 
 @contextmanager
 def fleet(
-    n: int, workdir: Path, api_rate: float
+    n: int, workdir: Path, api_limit: RateLimit
 ) -> Iterator[tuple[MosquittoBroker, ApiProcess, list[Device]]]:
     with ExitStack() as stack:
         broker = MosquittoBroker(workdir / "mosquitto", ["max_queued_messages 100000"])
         broker.directory.mkdir(parents=True)
         broker.start()
         stack.callback(broker.stop)
-        api = ApiProcess(workdir, n, api_rate)
+        api = ApiProcess(workdir, n, api_limit)
         api.start()
         stack.callback(api.stop)
         devices = []
@@ -290,9 +291,10 @@ def fleet(
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
+    limit = RateLimit(args.api_rate, args.api_rate_by)
     with (
         tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp,
-        fleet(args.agents, Path(tmp), args.api_rate) as (broker, api, devices),
+        fleet(args.agents, Path(tmp), limit) as (broker, api, devices),
     ):
         print(f"{args.agents} agents ready", flush=True)
         wait_until(
@@ -360,6 +362,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         "agents": args.agents,
         "rate": args.rate,
         "outage": args.outage,
+        "api_limit": f"{args.api_rate:g}/s per {args.api_rate_by}",
         "steady_events_per_s": steady_events / (steady_end - steady_start),
         "requests_per_event": steady_requests / max(1, steady_events),
         "peak_connects_per_s": max(per_second.values(), default=0),
@@ -472,13 +475,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recovery", type=float, default=600.0, help="bound for the drain, s")
     parser.add_argument("--settle", type=float, default=300.0, help="bound for the last items")
     parser.add_argument("--api-rate", type=float, default=20.0, help="API requests/s per client")
+    parser.add_argument(
+        "--api-rate-by",
+        choices=("project", "ip"),
+        default="project",
+        help="a client is an agent (its project token; default) or the source IP: every agent "
+        "here is 127.0.0.1, so `ip` makes the fleet one store behind one NAT",
+    )
     parser.add_argument("--json", default=None, help="write the rows to this file")
     parser.add_argument("--serve-api", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_api:
-        return serve_api(args.port, args.agents, args.api_rate, args.stats)
+        return serve_api(
+            args.port, args.agents, RateLimit(args.api_rate, args.api_rate_by), args.stats
+        )
     started = time.monotonic()
     result_rows, result = run(args)
     print_rows(f"Fleet: {args.agents} agents, {args.outage:g} s outage", result_rows)
