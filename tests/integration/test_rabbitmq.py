@@ -181,5 +181,7 @@ def test_default_protocol_falls_back_to_3_1_1(
     agent.start()
     wait_connected(agent)
     assert agent.status()["mqtt"]["protocol"] in (3, "3", "3.1.1")
+    # The journal says so once (not once per reconnect attempt).
+    assert sum("3.1.1" in line for line in agent.log().splitlines()) == 1, agent.log()
     track(rabbitmq, device, "auto")
     wait_for(lambda: "auto" in event_names(api_stub), 30, "a command after the fallback")
