@@ -1,7 +1,7 @@
 """Every benchmark, one table: runs each one, takes medians, writes docs/benchmarks.md.
 
-    python3 bench/run.py              # everything, ~13 minutes on 2 cores
-    python3 bench/run.py --quick      # 1 run each, small sizes: a smoke check (~3 minutes)
+    python3 bench/run.py              # everything, ~21 minutes on 2 cores (fleet: ~8)
+    python3 bench/run.py --quick      # 1 run each, small sizes: a smoke check (~6 minutes)
     python3 bench/run.py --million    # plus the 1,000,000-item backlog runs (~+5 minutes)
     python3 bench/run.py --no-write   # print only, leave docs/benchmarks.md alone
 
