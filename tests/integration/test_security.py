@@ -1,0 +1,300 @@
+"""A local account attacking the running agent (docs/security.md): the daemon as a subprocess,
+its real socket, a real Mosquitto, real SQLite files and the API stand-in.
+
+One broker and one API stand-in serve the whole module; the `kiosk` agent is shared by the
+attacks that leave it as it was (refused commands, oversized or hostile messages). Tests that
+restart the agent or fill its app table start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent_devtools.apistub import ApiStub
+from tests.fixtures.daemon import AgentProcess, SocketClient, deep_merge, wait_for
+from tests.fixtures.mosquitto import MosquittoBroker
+from tests.integration.test_mqtt_e2e import Subscriber
+
+PREFIX = "engagement"
+DEVICE = "sec-device"
+MAX_COMMAND_BYTES = 4096
+
+#: Secrets the config holds; none of them may ever be written to the state directory. Long
+#: and unlike anything else, so a hit in a scan is never a coincidence.
+KEYS = {"proj-a": "Token a-7Hq2vLw9Xc4ZpRk8", "proj-b": "Bearer b-Ue5nGt3Jy6MsWd1F"}
+MQTT_PASSWORD = "mqtt-pw-Qz8rTb2VnK4hLx7C"
+SECRETS = [*KEYS.values(), MQTT_PASSWORD]
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """The numeric fields of /proc/<pid>/status we measure: Threads, VmRSS and VmHWM (KiB)."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Threads", "VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def pid_of(agent: AgentProcess) -> int:
+    assert agent.process is not None and agent.process.poll() is None
+    return agent.process.pid
+
+
+def project(api: ApiStub, token: str) -> dict[str, str]:
+    return {"project_token": token, "authorization_token": KEYS[token], "base_url": api.url}
+
+
+def ok(agent: AgentProcess | SocketClient, command: Mapping[str, Any]) -> dict[str, Any]:
+    reply = agent.request(command)
+    assert reply["ok"], reply
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
+def topic(app: str, kind: str, device: str = DEVICE) -> str:
+    return f"{PREFIX}/{device}/{app}/{kind}"
+
+
+def mqtt_publish(broker: MosquittoBroker, app: str, payload: bytes, version: str = "5") -> None:
+    """Published at QoS 1 by Mosquitto's own client, the body from stdin."""
+    subprocess.run(
+        [
+            "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-V", version,
+            "-t", topic(app, "command"), "-s",
+        ],
+        input=payload,
+        check=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+class MqttApp:
+    """An app on MQTT: one paho connection publishing commands at QoS 1 to its command topic
+    and recording what the agent says on its reply and error topics."""
+
+    def __init__(self, broker: MosquittoBroker, app: str, device: str = DEVICE) -> None:
+        self.app = app
+        self.device = device
+        self.subscriber = Subscriber(broker.port, topic(app, "+", device))
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+
+    def publish(self, command: Mapping[str, Any] | bytes) -> None:
+        payload = command if isinstance(command, bytes) else json.dumps(command).encode()
+        info = self.client.publish(topic(self.app, "command", self.device), payload, qos=1)
+        info.wait_for_publish(30)
+
+    def reply(self, request_id: str) -> dict[str, Any] | None:
+        for reply in self.subscriber.on(topic(self.app, "reply", self.device)):
+            if reply.get("request_id") == request_id:
+                found: dict[str, Any] = reply
+                return found
+        return None
+
+    def errors(self) -> list[dict[str, Any]]:
+        return self.subscriber.on(topic(self.app, "error", self.device))
+
+    def __enter__(self) -> MqttApp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+        self.subscriber.close()
+
+
+def kiosk_config(api: ApiStub, broker: MosquittoBroker, **extra: Any) -> dict[str, Any]:
+    """Two configured projects (`default` = proj-a, `second` = proj-b), payments mapped to
+    `second`, MQTT with a password, uploads only on `flush`."""
+    config: dict[str, Any] = {
+        "device_id": DEVICE,
+        "project": project(api, "proj-a"),
+        "projects": {"second": project(api, "proj-b")},
+        "mapping": {"payment": ["second"]},
+        "mqtt": {
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "username": "_agent",
+            "password": MQTT_PASSWORD,
+        },
+        "limits": {"max_command_bytes": MAX_COMMAND_BYTES},
+        "sync": {"flush_mode": "manual"},
+    }
+    return deep_merge(config, extra)
+
+
+def start(agent: AgentProcess) -> AgentProcess:
+    agent.start()
+    wait_for(lambda: agent.status()["mqtt"]["connected"], 30, "the agent's MQTT connection")
+    return agent
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    directory = tmp_path_factory.mktemp("mosquitto")
+    broker = MosquittoBroker(directory)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[ApiStub]:
+    stub = ApiStub("127.0.0.1", 0, KEYS)
+    stub.start()
+    try:
+        yield stub
+    finally:
+        stub.stop()
+
+
+@pytest.fixture(scope="module")
+def kiosk(
+    tmp_path_factory: pytest.TempPathFactory, api: ApiStub, broker: MosquittoBroker
+) -> Iterator[AgentProcess]:
+    agent = AgentProcess(tmp_path_factory.mktemp("kiosk"), kiosk_config(api, broker))
+    try:
+        yield start(agent)
+    finally:
+        agent.close()
+
+
+# ------------------------------------------------------------------ threads bounded by config
+
+
+def test_clients_cannot_add_threads(
+    kiosk: AgentProcess, api: ApiStub, broker: MosquittoBroker
+) -> None:
+    """Upload threads follow the configured projects: once every configured project has
+    uploaded, 300 `anonymize` commands naming new projects and 300 naming new mapping entries
+    (all `forbidden`), over the socket and over MQTT, leave the thread count where it was."""
+    pid = pid_of(kiosk)
+    idle = proc_status(pid)["Threads"]
+    configured = len(kiosk.status()["sync"]["projects"])
+    assert configured == 2
+    # Every configured project uploads once: their threads exist from now on.
+    ok(kiosk, {"command": "track_event", "name": "warm", "app": "warm"})
+    ok(kiosk, {"command": "anonymize", "app": "warm", "project": "second"})
+    ok(kiosk, {"command": "track_event", "name": "warm", "app": "warm"})
+    ok(kiosk, {"command": "flush", "wait": True})
+    assert {r.project for r in api.requests()} == {"proj-a", "proj-b"}
+    working = proc_status(pid)["Threads"]
+    # Started on first use: one upload thread per configured project, the one timer that ends
+    # slow requests, and the fixed pools for queries (2) and control work (1).
+    assert working <= idle + configured + 1 + 3, (idle, working)
+
+    def attacks(i: int) -> list[dict[str, Any]]:
+        new = {"project_token": f"new-{i}", "base_url": f"http://127.0.0.1:9/{i}"}
+        return [
+            {"command": "anonymize", "app": "warm", "project": new},
+            {"command": "anonymize", "app": "warm", "mapping": {"track_event": ["second", new]}},
+        ]
+
+    with kiosk.client() as client:
+        for i in range(300):
+            for attack in attacks(i):
+                reply = client.request(attack)
+                assert reply["error"]["code"] == "forbidden", reply
+            # A configured project, by name and as an object, keeps the thread count too.
+            target = "second" if i % 2 else {"project_token": "proj-a", "base_url": api.url}
+            ok(client, {"command": "anonymize", "app": "warm", "project": target})
+    with MqttApp(broker, "warm") as app:
+        for i in range(300, 600):
+            for attack in attacks(i):
+                app.publish(attack)
+        app.publish({"command": "track_event", "name": "last", "request_id": "last"})
+        wait_for(lambda: app.reply("last"), 60, "the reply to the last MQTT command")
+        errors = app.errors()
+        assert len(errors) == 600 and {e["error"]["code"] for e in errors} == {"forbidden"}
+    ok(kiosk, {"command": "flush", "wait": True})
+    assert proc_status(pid)["Threads"] <= working
+    assert {r.project for r in api.requests()} == {"proj-a", "proj-b"}
+    assert {p["project_token"] for p in kiosk.status()["sync"]["projects"]} == set(KEYS)
+
+
+# ------------------------------------------------------------------ no credentials at rest
+
+
+def state_files(directory: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_no_secrets(directory: Path, secrets: list[str]) -> None:
+    """Every file in the state directory, whatever its name (database, WAL, shared memory,
+    files moved aside), holds none of the secrets."""
+    files = state_files(directory)
+    assert files, f"nothing in {directory}"
+    for path, data in files.items():
+        for secret in secrets:
+            assert secret.encode() not in data, f"{secret!r} in {path}"
+
+
+def a_run(agent: AgentProcess, broker: MosquittoBroker, api: ApiStub) -> None:
+    """What a kiosk's apps do: track, identify, map a payment to a named project, switch to a
+    named project (by name, and as an object that even carries the key); some of it is sent,
+    some is still queued at the end."""
+    ok(agent, {"command": "identify_customer", "ids": {"registered": "jane@example.com"}})
+    ok(agent, {"command": "identify_customer", "ids": {"phone": "+421900000000"}})
+    payment = {"value": 1.5, "currency": "EUR", "payment_system": "Virtual", "product_id": "tea",
+               "product_title": "Tea"}
+    ok(agent, {"command": "track_payment", "item": payment})
+    ok(agent, {"command": "anonymize", "app": "pos", "project": "second"})
+    ok(agent, {"command": "identify_customer", "app": "pos", "ids": {"registered": "joe@b.c"}})
+    second_with_key = {**project(api, "proj-b")}
+    ok(agent, {"command": "anonymize", "app": "till", "project": second_with_key})
+    ok(agent, {"command": "anonymize", "app": "till", "mapping": {"payment": ["default"]}})
+    ok(agent, {"command": "track_payment", "app": "till", "item": payment})
+    with MqttApp(broker, "kiosk-ui", agent.config["device_id"]) as app:
+        app.publish({"command": "track_event", "name": "tap", "request_id": "tap"})
+        wait_for(lambda: app.reply("tap"), 30, "the MQTT reply")
+    ok(agent, {"command": "flush", "wait": True})
+    ok(agent, {"command": "track_event", "name": "queued", "app": "pos"})
+    ok(agent, {"command": "track_event", "name": "queued"})
+    assert agent.status()["queue"]["items"] >= 2
+
+
+def test_no_credentials_at_rest_after_a_run(
+    make_agent: Any, tmp_path: Path, api: ApiStub, broker: MosquittoBroker
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    config = kiosk_config(api, broker, device_id="at-rest", queue={"path": str(state / "queue.db")})
+    agent: AgentProcess = start(make_agent(config))
+    a_run(agent, broker, api)
+    assert {r.project for r in api.requests()} == {"proj-a", "proj-b"}
+    assert {"queue.db", "queue.db-wal"} <= {p.name for p in state.iterdir()}
+    assert_no_secrets(state, SECRETS)  # while running: the WAL holds the latest writes
+    # Not vacuous: the files do name both projects, by token and URL.
+    everything = b"".join(state_files(state).values())
+    assert b"proj-b" in everything and api.url.encode() in everything
+    agent.kill()
+    assert_no_secrets(state, SECRETS)  # as a crash leaves them
+
+    agent.start()
+    ok(agent, {"command": "track_event", "name": "after-restart", "app": "till"})
+    assert agent.terminate() == 0
+    assert_no_secrets(state, SECRETS)
+
+    # A damaged database is moved aside (and with it whatever it held) and a new one begun.
+    database = state / "queue.db"
+    with database.open("r+b") as damaged:
+        damaged.write(b"not an sqlite file")
+    start(agent)
+    moved = [p for p in state.iterdir() if p.name.startswith("queue.db.corrupt-")]
+    assert moved, sorted(p.name for p in state.iterdir())
+    a_run(agent, broker, api)
+    assert_no_secrets(state, SECRETS)
