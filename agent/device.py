@@ -66,6 +66,17 @@ def os_version(root: Path = Path("/")) -> str:
     return _clean(platform.release())
 
 
+def boot_id(root: Path = Path("/")) -> str | None:
+    """The kernel's id of this boot (a UUID, new at every boot), or None when unreadable.
+
+    Recorded with every queued item: together with the monotonic clock it says whether an
+    item was accepted in this boot, which a restart of the agent alone does not change.
+    """
+    text = _read_text(root / "proc" / "sys" / "kernel" / "random" / "boot_id")
+    value = _clean(text or "")
+    return value or None
+
+
 def device_model(root: Path = Path("/")) -> str:
     """The board (device tree: "Raspberry Pi 4 Model B Rev 1.4") or the PC's vendor and product
     from DMI ("Dell Inc. OptiPlex 7090"), else the CPU architecture ("aarch64")."""

@@ -9,10 +9,12 @@ memory and disk agreeing.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from agent import device as device_files
 from agent import tracker
 from agent.config import AgentConfig
 from agent.errors import UnknownApp
@@ -32,10 +34,12 @@ class Engine:
         device: DeviceInfo,
         *,
         new_uuid: Callable[[], str] = _new_uuid,
+        boot_id: str | None = None,
     ) -> None:
         self._store = store
         self._device = device
         self._new_uuid = new_uuid
+        self._boot_id = boot_id if boot_id is not None else device_files.boot_id()
         # The config and the settings derived from it travel together: a reload swaps both in
         # one assignment, so the writer can never cache old settings under a new config.
         self._settings: tuple[AgentConfig, dict[str, AppSettings]] = (config, {})
@@ -133,7 +137,8 @@ class Engine:
             # make the agent remember is bounded (docs/configuration.md, apps.max_apps).
             raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
         outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
-        txn.enqueue(outcome.items, now)
+        # The monotonic time is taken as the op runs, milliseconds after the accept time `now`.
+        txn.enqueue(outcome.items, now, app=app, boot_id=self._boot_id, mono=time.monotonic())
         if outcome.state != (state or AppState()):
             txn.save_app_state(app, outcome.state)
             self._pending[app] = outcome.state

@@ -24,8 +24,10 @@ from agent.errors import AgentError, Unavailable
 from agent.store import files, schema
 from agent.store.model import (
     DeadLetter,
+    DeadLetterEntry,
     ProjectRow,
     QueuedItem,
+    QueueEntry,
     QueueStats,
     StoreError,
     StoreLocked,
@@ -47,6 +49,14 @@ _FATAL_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
 _SQLITE_FULL = 13
 #: Seconds between "queue full, dropping oldest" warnings.
 _EVICTION_LOG_PERIOD = 60.0
+#: The history counters (dropped, rejected) are written at most this often, and at close:
+#: under a long outage with a full queue every command drops one, and writing the counter with
+#: each would dirty a page per command. A crash loses at most this long of their increments.
+HISTORY_SAVE_PERIOD = 60.0
+_ITEM_COLUMNS = "id, project_id, payload, created_at, app, kind, boot_id, accepted_mono, held"
+_DEAD_COLUMNS = (
+    "id, project_id, payload, created_at, failed_at, reason, app, kind, boot_id, accepted_mono"
+)
 
 
 class _BatchFailed(Exception):
@@ -172,7 +182,9 @@ class Store:
         self._lock: files.LockedFile | None = None
         self._published = Counters()
         self._current_txn: Txn | None = None
-        self._save_all_counters = False
+        self._saved_history: tuple[int, int, int] = (0, 0, 0)
+        self._history_writing: tuple[int, int, int] | None = None
+        self._history_saved_at = 0.0
         self._reopen_writer = False
         self._failing: str | None = None
         self._last_eviction_log = -_EVICTION_LOG_PERIOD
@@ -291,17 +303,33 @@ class Store:
 
     def _start(self, conn: sqlite3.Connection) -> None:
         try:
-            values = schema.load_counters(conn)
-            head = conn.execute("SELECT created_at FROM outbox ORDER BY id LIMIT 1").fetchone()
-            projects = conn.execute(
-                "SELECT id, base_url, project_token, authorization_token FROM projects"
-            ).fetchall()
+            loaded = schema.Loaded(conn)
+            projects = conn.execute("SELECT id, base_url, project_token FROM projects").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read queue database {self._path}: {exc}") from exc
-        counters = Counters(**values, head_created_at=head[0] if head else None)
+        counters = Counters(
+            dead_items=loaded.dead_items,
+            dead_bytes=loaded.dead_bytes,
+            dropped=loaded.history["dropped"],
+            rejected=loaded.history["rejected"],
+            dead_dropped=loaded.history["dead_dropped"],
+            head_created_at=loaded.head_created_at,
+        )
+        for (project_id, held), (n, size, first) in loaded.groups.items():
+            counters.items += n
+            counters.bytes += size
+            if held:
+                counters.held += n
+            else:
+                counters.add_sendable(project_id, n, first)
+        counters.outbox_reserved = loaded.ids["outbox"][1]
+        counters.dead_reserved = loaded.ids["dead_letters"][1]
         state = WriterState(conn, self.config, counters)
+        state.next_id = max(loaded.ids["outbox"]) + 1
+        state.next_dead_id = max(loaded.ids["dead_letters"]) + 1
         state.projects = {(row[1], row[2]): ProjectRow(*row) for row in projects}
-        self._save_all_counters = True
+        self._saved_history = counters.history()
+        self._history_saved_at = time.monotonic()
         self._commits = 0
         self._writer = state
         self._published = counters.copy()
@@ -340,6 +368,7 @@ class Store:
                 reader.close()
         if self._writer is not None:
             try:
+                self._save_history(self._writer)
                 self._writer.conn.close()  # the last connection checkpoints and removes the WAL
             except sqlite3.Error as exc:
                 log.warning("closing the queue database: %s", exc)
@@ -476,6 +505,9 @@ class Store:
             self._batch_failed(state, start, evicted_before, cause, batch, started)
             return
         self._commits += 1
+        if self._history_writing is not None:
+            self._saved_history, self._history_writing = self._history_writing, None
+            self._history_saved_at = time.monotonic()
         state.publish_projects()
         self._published = state.counters.copy()
         if self._failing is not None:
@@ -543,21 +575,39 @@ class Store:
         return (value,)
 
     def _finish(self, conn: sqlite3.Connection, state: WriterState, start: Counters) -> None:
-        """Counters and the queue head, written in the same transaction as the rows."""
+        """Buffered rows, the queue head, and what must be stored with them: the id floors
+        after deletes, and the history counters when they are due (`HISTORY_SAVE_PERIOD`).
+        Queue totals are not stored (counted at open): a command dirties no counter page."""
         state.flush()
         counters = state.counters
         if state.head_dirty:
             head = conn.execute("SELECT created_at FROM outbox ORDER BY id LIMIT 1").fetchone()
             counters.head_created_at = head[0] if head else None
             state.head_dirty = False
-        rows = [
-            (key, str(getattr(counters, name)))
-            for name, key in schema.COUNTER_KEYS.items()
-            if self._save_all_counters or getattr(counters, name) != getattr(start, name)
-        ]
+        rows = state.id_floors()
+        history = counters.history()
+        due = time.monotonic() - self._history_saved_at >= HISTORY_SAVE_PERIOD
+        if history != self._saved_history and (due or rows):
+            rows.extend(zip(schema.HISTORY_KEYS.values(), map(str, history), strict=True))
+            self._history_writing = history
         if rows:
             conn.executemany(UPSERT_META, rows)
-        self._save_all_counters = False
+
+    def _save_history(self, state: WriterState) -> None:
+        """At close: the history counters, if they changed since they were last written."""
+        history = state.counters.history()
+        if history == self._saved_history:
+            return
+        state.conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = zip(schema.HISTORY_KEYS.values(), map(str, history), strict=True)
+            state.conn.executemany(UPSERT_META, rows)
+            state.conn.execute("COMMIT")
+        except BaseException:
+            if state.conn.in_transaction:
+                state.conn.execute("ROLLBACK")
+            raise
+        self._saved_history = history
 
     def _batch_failed(
         self,
@@ -576,6 +626,7 @@ class Store:
         state.counters = start
         state.staged_projects = {}
         state.discard()
+        self._history_writing = None
         state.head_dirty = False
         state.evicted_since_log = evicted_before
         if not _is_disk_full(cause):
@@ -630,8 +681,7 @@ class Store:
         state = self._writer
         if state is not None:
             row = state.projects.get(project_key(project))
-            token = project.authorization_token
-            if row is not None and (not token or token == row.authorization_token):
+            if row is not None:
                 return row
         if self._thread is not None and threading.current_thread() is self._thread:
             if self._current_txn is None:
@@ -674,14 +724,13 @@ class Store:
             dead_letter_bytes=c.dead_bytes,
             oldest_age=oldest,
             dead_letters_dropped=c.dead_dropped,
+            held=c.held,
         )
 
     def projects(self) -> list[ProjectRow]:
         rows = (
             self.reader()
-            .execute(
-                "SELECT id, base_url, project_token, authorization_token FROM projects ORDER BY id"
-            )
+            .execute("SELECT id, base_url, project_token FROM projects ORDER BY id")
             .fetchall()
         )
         return [ProjectRow(*row) for row in rows]
@@ -701,48 +750,105 @@ class Store:
         return None if row is None else str(row[0])
 
     def read_batch(self, project_id: int, limit: int, after_id: int = 0) -> list[QueuedItem]:
-        """Oldest first: the project's next `limit` items with id > after_id."""
+        """Oldest first: the project's next `limit` items with id > after_id that are not held.
+
+        The outbox has no per-project index (it would cost a page written per command): the
+        committed counters say whether the project has anything to send at all, and from which
+        id on, so a project with nothing sendable costs no read and a scan starts near its
+        first item rather than at the head of the whole queue.
+        """
+        entry = self._published.sendable.get(project_id)
+        if entry is None:
+            return []
+        start = max(after_id, entry[1] - 1)
         rows = (
             self.reader()
             .execute(
-                "SELECT id, project_id, payload, created_at FROM outbox "
-                "WHERE project_id = ? AND id > ? ORDER BY id LIMIT ?",
-                (project_id, after_id, limit),
+                f"SELECT {_ITEM_COLUMNS} FROM outbox "
+                "WHERE id > ? AND project_id = ? AND held = 0 ORDER BY id LIMIT ?",
+                (start, project_id, limit),
             )
             .fetchall()
         )
-        return [QueuedItem(*row) for row in rows]
+        return [_item(row) for row in rows]
 
     def list_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
+        """Queued items with their payloads, oldest first (held ones included)."""
         rows = (
             self.reader()
             .execute(
-                "SELECT id, project_id, payload, created_at FROM outbox "
-                "WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
             .fetchall()
         )
-        return [QueuedItem(*row) for row in rows]
+        return [_item(row) for row in rows]
+
+    def held_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
+        """Held items (see `Txn.set_held`), oldest first."""
+        if self._published.held == 0:
+            return []
+        rows = (
+            self.reader()
+            .execute(
+                f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id > ? AND held != 0 "
+                "ORDER BY id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [_item(row) for row in rows]
 
     def get_item(self, item_id: int) -> QueuedItem | None:
         row = (
             self.reader()
-            .execute(
-                "SELECT id, project_id, payload, created_at FROM outbox WHERE id = ?", (item_id,)
-            )
+            .execute(f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id = ?", (item_id,))
             .fetchone()
         )
-        return None if row is None else QueuedItem(*row)
+        return None if row is None else _item(row)
 
     def dead_letters(self, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
         rows = (
             self.reader()
             .execute(
-                "SELECT id, project_id, payload, created_at, failed_at, reason FROM dead_letters "
-                "WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
             .fetchall()
         )
         return [DeadLetter(*row) for row in rows]
+
+    def queue_entries(self, limit: int = 100, after_id: int = 0) -> list[QueueEntry]:
+        """Queued items as `queue list` shows them (project by token, no payload)."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT o.id, p.project_token, p.base_url, o.app, o.kind, o.created_at, o.size, "
+                "o.held != 0 FROM outbox o JOIN projects p ON p.id = o.project_id "
+                "WHERE o.id > ? ORDER BY o.id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [QueueEntry(*row) for row in rows]
+
+    def dead_letter_entries(self, limit: int = 100, after_id: int = 0) -> list[DeadLetterEntry]:
+        """Dead letters as `queue dead-letters` shows them, with the API's reason."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT d.id, p.project_token, p.base_url, d.app, d.kind, d.created_at, d.size, "
+                "d.failed_at, d.reason FROM dead_letters d JOIN projects p "
+                "ON p.id = d.project_id WHERE d.id > ? ORDER BY d.id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [DeadLetterEntry(*row) for row in rows]
+
+
+def _item(row: tuple[Any, ...]) -> QueuedItem:
+    item_id, project_id, payload, created_at, app, kind, boot_id, mono, held = row
+    return QueuedItem(
+        item_id, project_id, payload, created_at, app, kind, boot_id, mono, bool(held)
+    )

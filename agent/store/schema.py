@@ -8,10 +8,11 @@ not touch it (a downgrade would otherwise corrupt its data silently).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from agent.store.model import SCHEMA_VERSION, StoreError
 
@@ -19,15 +20,28 @@ log = logging.getLogger("engagement_agent.store")
 
 #: Keys of `meta` that the store owns; `Txn.set_meta` refuses them so counters stay exact.
 META_SCHEMA_VERSION = "store.schema_version"
-COUNTER_KEYS = {
-    "items": "store.items",
-    "bytes": "store.bytes",
-    "dead_items": "store.dead_letters",
-    "dead_bytes": "store.dead_letter_bytes",
+#: History counters: they count things that left no row behind, so they cannot be derived from
+#: the tables. Written lazily (see `Store`), unlike the queue totals, which are counted from
+#: the tables at start-up and never stored.
+HISTORY_KEYS = {
     "dropped": "store.dropped",
     "rejected": "store.rejected",
     "dead_dropped": "store.dead_letters_dropped",
 }
+#: Ids are never reused (an uploader or an operator may remember one), but the tables have no
+#: AUTOINCREMENT: the writer hands ids out from memory and these keys hold a floor above every
+#: id ever handed out, written only when deletes could otherwise let the maximum fall back.
+ID_RESERVED_KEYS = {
+    "outbox": "store.outbox_id_reserved",
+    "dead_letters": "store.dead_letter_id_reserved",
+}
+#: Totals schema version 1 kept in meta; version 2 counts them at start-up instead.
+_V1_TOTAL_KEYS = (
+    "store.items",
+    "store.bytes",
+    "store.dead_letters",
+    "store.dead_letter_bytes",
+)
 RESERVED_META_PREFIX = "store."
 
 #: SQLite truncates the WAL back to this size after a checkpoint, so one burst does not leave
@@ -70,6 +84,100 @@ CREATE TABLE IF NOT EXISTS app_states (
     state TEXT NOT NULL
 ) WITHOUT ROWID;
 """
+
+
+#: Version 2: no credentials (`projects` is (base_url, project_token) only), items say which app
+#: queued them, what they are (`kind`), when by the monotonic clock and in which boot, and
+#: whether they are held back; no AUTOINCREMENT and no index, so a command dirties one
+#: outbox page (docs/architecture.md, "Storage writes"). `payload` is the last column: reading
+#: the others never touches a large payload's overflow pages.
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS projects (
+    id INTEGER PRIMARY KEY,
+    base_url TEXT NOT NULL,
+    project_token TEXT NOT NULL,
+    UNIQUE (base_url, project_token)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    accepted_mono REAL,
+    boot_id TEXT,
+    app TEXT,
+    kind TEXT,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    failed_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    accepted_mono REAL,
+    boot_id TEXT,
+    app TEXT,
+    kind TEXT,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS app_states (
+    app TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+#: Longest `kind` kept (an event type; the tracker limits them far below this).
+MAX_KIND_CHARS = 256
+#: The item's kind from its stored payload, in SQL (for rows queued before version 2).
+_KIND_SQL = f"""CASE WHEN json_valid(CAST(payload AS TEXT)) THEN
+    CASE WHEN json_extract(CAST(payload AS TEXT), '$.name') = 'customers' THEN 'customer'
+         WHEN json_type(CAST(payload AS TEXT), '$.data.event_type') = 'text'
+         THEN substr(json_extract(CAST(payload AS TEXT), '$.data.event_type'), 1,
+                     {MAX_KIND_CHARS})
+    END
+END"""
+
+#: JSON keys whose values are credentials; never written to the database.
+SECRET_KEYS = frozenset({"authorization_token", "password"})
+
+
+def scrub_secrets(value: Any) -> tuple[Any, bool]:
+    """`value` with every credential (a `SECRET_KEYS` entry, at any depth) set to "";
+    and whether anything was removed."""
+    if isinstance(value, dict):
+        changed = False
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if key in SECRET_KEYS and isinstance(item, str):
+                out[key] = ""
+                changed = changed or item != ""
+            else:
+                out[key], sub = scrub_secrets(item)
+                changed = changed or sub
+        return out, changed
+    if isinstance(value, list):
+        items = [scrub_secrets(item) for item in value]
+        return [item for item, _ in items], any(sub for _, sub in items)
+    return value, False
+
+
+def scrub_state_json(text: str) -> str:
+    """An app state's JSON without credentials (unchanged text when it holds none)."""
+    if not any(f'"{key}":"' in text or f'"{key}": "' in text for key in SECRET_KEYS):
+        return text  # the common case: no switch to another project, nothing to parse
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text  # invalid state: it is ignored when loaded (and holds no parsable secret)
+    scrubbed, changed = scrub_secrets(data)
+    return json.dumps(scrubbed, separators=(",", ":"), ensure_ascii=False) if changed else text
 
 
 def connect(
@@ -178,8 +286,66 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
         conn.execute("DROP TABLE state")
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Drop the stored credentials; give items app/kind/boot/held columns; no AUTOINCREMENT.
+
+    Tables are rebuilt (renamed, recreated, copied, dropped): SQLite cannot drop a column or
+    AUTOINCREMENT in place. `migrate` runs this with `secure_delete` on, so the pages the old
+    tables free are zeroed rather than left holding the tokens. Ids are kept; the
+    AUTOINCREMENT high-water marks become the id floors, so no id is ever handed out twice.
+    Items queued before version 2 have no app (shown as `-`); their kind is read from the
+    payload.
+    """
+    reserved = {}
+    has_sequence = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'"
+    ).fetchone()
+    for table in ID_RESERVED_KEYS:
+        seq = None
+        if has_sequence:
+            row = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)
+            ).fetchone()
+            seq = row[0] if row else None
+        (high,) = conn.execute(f"SELECT max(id) FROM {table}").fetchone()
+        reserved[table] = max(int(seq or 0), int(high or 0))
+    for table in ("projects", "outbox", "dead_letters"):
+        conn.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
+    conn.execute("DROP INDEX IF EXISTS outbox_by_project")
+    for statement in SCHEMA_V2.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO projects (id, base_url, project_token) "
+        "SELECT id, base_url, project_token FROM projects_v1 ORDER BY id"
+    )
+    conn.execute(
+        "INSERT INTO outbox (id, project_id, held, size, created_at, kind, payload) "
+        f"SELECT id, project_id, 0, size, created_at, {_KIND_SQL}, payload FROM outbox_v1 "
+        "ORDER BY id"
+    )
+    conn.execute(
+        "INSERT INTO dead_letters "
+        "(id, project_id, size, created_at, failed_at, reason, kind, payload) "
+        f"SELECT id, project_id, size, created_at, failed_at, reason, {_KIND_SQL}, payload "
+        "FROM dead_letters_v1 ORDER BY id"
+    )
+    for table in ("projects", "outbox", "dead_letters"):
+        conn.execute(f"DROP TABLE {table}_v1")
+    for app, text in conn.execute("SELECT app, state FROM app_states").fetchall():
+        clean = scrub_state_json(text)
+        if clean != text:
+            conn.execute("UPDATE app_states SET state = ? WHERE app = ?", (clean, app))
+    conn.executemany("DELETE FROM meta WHERE key = ?", [(key,) for key in _V1_TOTAL_KEYS])
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [(ID_RESERVED_KEYS[table], str(value)) for table, value in reserved.items()],
+    )
+
+
 #: MIGRATIONS[v] brings a version-v database to v+1, inside the caller's transaction.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_0_to_1, _migrate_1_to_2)
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -187,52 +353,78 @@ def migrate(conn: sqlite3.Connection, path: str) -> bool:
     """Bring the schema to SCHEMA_VERSION in one transaction; True when anything changed.
 
     One transaction for all steps: a crash or a full disk half-way leaves the old version,
-    which the next start migrates again.
+    which the next start migrates again. `secure_delete` is on while it runs, and the WAL is
+    checkpointed and truncated afterwards, so what a migration removes (credentials) is
+    overwritten in the file rather than left in free pages or old WAL frames.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    (secure,) = conn.execute("PRAGMA secure_delete").fetchone()
+    conn.execute("PRAGMA secure_delete = ON")
     try:
-        version = stored_version(conn)
-        refuse_newer(path, version)
-        if version == SCHEMA_VERSION:
-            conn.execute("ROLLBACK")
-            return False
-        for step in range(version, SCHEMA_VERSION):
-            log.info("queue database %s: migrating schema %d -> %d", path, step, step + 1)
-            MIGRATIONS[step](conn)
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (META_SCHEMA_VERSION, str(SCHEMA_VERSION)),
-        )
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = stored_version(conn)
+            refuse_newer(path, version)
+            if version == SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                return False
+            for step in range(version, SCHEMA_VERSION):
+                log.info("queue database %s: migrating schema %d -> %d", path, step, step + 1)
+                MIGRATIONS[step](conn)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (META_SCHEMA_VERSION, str(SCHEMA_VERSION)),
+            )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        # Into the main file, and the WAL (which may hold pre-migration frames) emptied.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.execute(f"PRAGMA secure_delete = {int(secure)}")
     return True
 
 
-def load_counters(conn: sqlite3.Connection) -> dict[str, int]:
-    """Counters from meta; anything missing (fresh file, after a migration) is counted once."""
-    stored = dict(
-        conn.execute(
-            f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(COUNTER_KEYS))})",
-            tuple(COUNTER_KEYS.values()),
-        ).fetchall()
-    )
-    values: dict[str, int] = {}
-    for name, key in COUNTER_KEYS.items():
-        if key in stored:
-            values[name] = int(stored[key])
-    if "items" not in values or "bytes" not in values:
-        items, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
-        values["items"], values["bytes"] = int(items), int(size)
-    if "dead_items" not in values or "dead_bytes" not in values:
-        items, size = conn.execute(
+class Loaded:
+    """What the writer needs from the file at start-up, counted from the tables themselves
+    (so nothing a crash interrupted can make it wrong), plus the lazily saved history."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        #: (project_id, held) -> (items, bytes, smallest id)
+        self.groups: dict[tuple[int, bool], tuple[int, int, int]] = {
+            (int(pid), bool(held)): (int(n), int(size), int(first))
+            for pid, held, n, size, first in conn.execute(
+                "SELECT project_id, held != 0, count(*), sum(size), min(id) FROM outbox "
+                "GROUP BY 1, 2"
+            )
+        }
+        dead_items, dead_bytes = conn.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM dead_letters"
         ).fetchone()
-        values["dead_items"], values["dead_bytes"] = int(items), int(size)
-    for name in ("dropped", "rejected", "dead_dropped"):
-        values.setdefault(name, 0)
-    return values
+        self.dead_items, self.dead_bytes = int(dead_items), int(dead_bytes)
+        head = conn.execute("SELECT created_at FROM outbox ORDER BY id LIMIT 1").fetchone()
+        self.head_created_at: float | None = head[0] if head else None
+        stored = dict(
+            conn.execute(
+                "SELECT key, value FROM meta WHERE key IN "
+                f"({','.join('?' * (len(HISTORY_KEYS) + len(ID_RESERVED_KEYS)))})",
+                (*HISTORY_KEYS.values(), *ID_RESERVED_KEYS.values()),
+            ).fetchall()
+        )
+        self.history = {name: _int(stored.get(key)) for name, key in HISTORY_KEYS.items()}
+        #: table -> (highest id in it, persisted floor)
+        self.ids: dict[str, tuple[int, int]] = {}
+        for table, key in ID_RESERVED_KEYS.items():
+            (high,) = conn.execute(f"SELECT max(id) FROM {table}").fetchone()
+            self.ids[table] = (int(high or 0), _int(stored.get(key)))
+
+
+def _int(value: object) -> int:
+    """A stored integer; anything else (a hand-edited or damaged value) counts as 0."""
+    try:
+        return max(0, int(str(value)))
+    except ValueError:
+        return 0

@@ -176,7 +176,7 @@ def test_offline_list_and_json(cli: Run, offline: tuple[Path, Store]) -> None:
     reply = json.loads(out)
     assert reply["ok"] is True
     assert [item["id"] for item in reply["result"]["items"]] == [2, 3]
-    assert set(reply["result"]["items"][0]) >= {"id", "project_id", "created_at", "bytes"}
+    assert set(reply["result"]["items"][0]) >= {"id", "project_token", "app", "kind", "size"}
 
 
 def test_offline_show(cli: Run, offline: tuple[Path, Store]) -> None:
