@@ -23,6 +23,8 @@ from agent_devtools.apistub import ApiStub
 from tests.fixtures.daemon import AgentProcess, SocketClient, deep_merge, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.integration.test_mqtt_e2e import Subscriber
+from tests.unit.test_store_v2 import SECRETS as V1_SECRETS
+from tests.unit.test_store_v2 import make_v1
 
 PREFIX = "engagement"
 DEVICE = "sec-device"
@@ -298,3 +300,79 @@ def test_no_credentials_at_rest_after_a_run(
     assert moved, sorted(p.name for p in state.iterdir())
     a_run(agent, broker, api)
     assert_no_secrets(state, SECRETS)
+
+
+def test_an_upgraded_database_keeps_no_credentials(
+    make_agent: Any, tmp_path: Path, api: ApiStub, broker: MosquittoBroker
+) -> None:
+    """A database the first release wrote (keys in its project rows, in an app's project
+    switch, in the WAL and in free pages) loses them when this agent opens it."""
+    state = tmp_path / "state"
+    make_v1(state / "queue.db")
+    old_secrets = [s.decode() for s in V1_SECRETS]
+    assert all(s in b"".join(state_files(state).values()) for s in V1_SECRETS)
+    config = kiosk_config(api, broker, device_id="upgraded", queue={"path": str(state / "queue.db")})
+    agent: AgentProcess = start(make_agent(config))
+    assert_no_secrets(state, old_secrets + SECRETS)
+    a_run(agent, broker, api)
+    assert_no_secrets(state, old_secrets + SECRETS)
+    assert agent.terminate() == 0
+    assert_no_secrets(state, old_secrets + SECRETS)
+
+
+# ------------------------------------------------------------------ bounded state and status
+
+MAX_APPS = 64  # apps.max_apps, default
+LONGEST_APP_NAME = 64  # app names match ^[a-z0-9][a-z0-9._-]{0,63}$
+#: One app's entry in the status at its largest, apart from the name: session state and the
+#: time the push token was last tracked.
+APP_ENTRY = len('"":{"session":"background","push_token_tracked_at":1700000000.1234567},')
+#: Everything in the status but its apps (queue, sync, projects, MQTT, counters) for a device
+#: with two configured projects, with room to spare.
+STATUS_REST = 4096
+
+
+def retained_status(broker: MosquittoBroker, device: str) -> tuple[bytes, dict[str, Any]]:
+    """The status message the broker keeps for the device, as a newcomer receives it."""
+    watcher = Subscriber(broker.port, topic("x", "x", device).rsplit("/", 2)[0] + "/status")
+    try:
+        wait_for(lambda: watcher.messages, 15, "the retained status")
+        name, payload, retained = watcher.messages[0]
+        assert retained, name
+        return payload, json.loads(payload)
+    finally:
+        watcher.close()
+
+
+def test_two_thousand_app_names_leave_a_small_retained_status(
+    make_agent: Any, api: ApiStub, broker: MosquittoBroker
+) -> None:
+    device = "crowded"
+    agent: AgentProcess = start(make_agent(kiosk_config(api, broker, device_id=device)))
+    names = [f"{i:04d}-" + "x" * (LONGEST_APP_NAME - 5) for i in range(2000)]
+    with agent.client() as client:
+        for name in names[: MAX_APPS - 1]:
+            ok(client, {"command": "app_foreground", "app": name})
+            ok(client, {"command": "track_push_token", "token": "t", "app": name})
+        ok(client, {"command": "track_event", "name": "e"})  # `default` is the 64th
+        for name in names[MAX_APPS - 1 : 1800]:
+            reply = client.request({"command": "track_event", "name": "e", "app": name})
+            assert reply["error"]["code"] == "unknown_app", reply
+    with MqttApp(broker, "mqtt-app", device) as app:
+        for name in names[1800:]:
+            app.app = name
+            app.publish({"command": "track_event", "name": "e"})
+        app.app = "mqtt-app"
+        app.publish({"command": "track_event", "name": "e", "request_id": "last"})
+        wait_for(lambda: app.reply("last"), 30, "the reply to the last MQTT command")
+        reply = app.reply("last")
+        assert reply is not None and reply["error"]["code"] == "unknown_app", reply
+    assert len(agent.status()["apps"]) == MAX_APPS
+    # A fresh connection publishes the status at once (changes wait up to 10 s).
+    agent.kill()
+    start(agent)
+    payload, status = retained_status(broker, device)
+    assert len(status["apps"]) == MAX_APPS
+    assert max(len(a) for a in status["apps"]) == LONGEST_APP_NAME
+    assert all(a["push_token_tracked_at"] for n, a in status["apps"].items() if n != "default")
+    assert len(payload) <= MAX_APPS * (LONGEST_APP_NAME + APP_ENTRY) + STATUS_REST, len(payload)
