@@ -23,12 +23,11 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
+from agent.dispatch import Accepted, Dispatcher, Origin, Reply
 from agent.errors import AgentError, InternalError, TooLarge, Unavailable
-from agent.intake import Accepted, Origin, Reply, reply_for_unreadable
 
 log = logging.getLogger("engagement_agent.ipc")
 
@@ -37,26 +36,6 @@ MAX_PENDING_BYTES = 32 * 1024 * 1024
 #: How long an accepted connection may take to be set up before its slot is freed again.
 RESERVATION_SECONDS = 5.0
 _PEERCRED = struct.Struct("3i")
-
-
-class Dispatcher(Protocol):
-    """What the daemon provides to the socket.
-
-    `prepare` runs every check synchronously. Commands for which `batchable` is true (they go
-    through the store's writer) are handed to `run_batch` a chunk at a time, in request order;
-    it must run them in that order, each on its own (one refused command fails only itself),
-    and call `done(replies)` once, on the event loop, after all of them are committed or
-    refused. Any other accepted command runs with `run_one`, which must wait for `turn` (set
-    once every earlier reply of its connection is out) before it does anything.
-    """
-
-    def prepare(self, line: bytes, origin: Origin) -> Reply | Accepted: ...
-
-    def batchable(self, command: Accepted) -> bool: ...
-
-    def run_batch(self, commands: list[Accepted], done: Callable[[list[Reply]], None]) -> None: ...
-
-    def run_one(self, command: Accepted, turn: asyncio.Future[None]) -> Awaitable[Reply]: ...
 
 
 def peer_uid(sock: socket.socket | None) -> int | None:
@@ -187,28 +166,25 @@ class _Connection(asyncio.Protocol):
             f"command line is longer than {limit} bytes (limits.max_command_bytes); "
             "it was discarded"
         )
-        self._replies.append(_Slot(0, _line_of(reply_for_unreadable(error))))
+        reply = self._server.dispatcher.refuse(error, self._origin)
+        self._replies.append(_Slot(0, _line_of(reply)))
 
     def _request(self, line: bytes, batch: list[Accepted], slots: list[_Slot]) -> None:
         server = self._server
-        if not server.accepting:
-            error = Unavailable("the agent is shutting down")
-            self._replies.append(_Slot(0, _line_of(reply_for_unreadable(error))))
-            return
         size = len(line)
         server.pending_bytes += size
         dispatcher = server.dispatcher
         prepared = dispatcher.prepare(line, self._origin)
         if isinstance(prepared, Reply):
             slot = _Slot(size, _line_of(prepared))
-        elif dispatcher.batchable(prepared):
+        elif prepared.grouped:
             slot = _Slot(size)
             batch.append(prepared)
             slots.append(slot)
         else:
             slot = _Slot(size)
-            slot.turn = asyncio.get_running_loop().create_future()
-            task = asyncio.ensure_future(dispatcher.run_one(prepared, slot.turn))
+            turn = slot.turn = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._query_in_turn(prepared, turn))
             task.add_done_callback(lambda task: self._query_done(slot, task))
         self._replies.append(slot)
 
@@ -220,14 +196,18 @@ class _Connection(asyncio.Protocol):
                 slot.line = _line_of(reply)
             self._server.schedule_flush(self)
 
-        self._server.dispatcher.run_batch(batch, done)
+        self._server.dispatcher.submit(batch, done)
+
+    async def _query_in_turn(self, command: Accepted, turn: asyncio.Future[None]) -> Reply:
+        await turn
+        return await self._server.dispatcher.query(command)
 
     def _query_done(self, slot: _Slot, task: asyncio.Future[Reply]) -> None:
         if task.cancelled() or task.exception() is not None:
             error = InternalError("internal error; see the log")
             if not task.cancelled():
                 log.error("a socket query failed", exc_info=task.exception())
-            slot.line = _line_of(reply_for_unreadable(error))
+            slot.line = _line_of(self._server.dispatcher.refuse(error, self._origin))
         else:
             slot.line = _line_of(task.result())
         self._flush_replies()
@@ -298,7 +278,6 @@ class SocketServer:
         self._reserved: set[_Connection] = set()  # accepted, connection_made still to come
         self.pending_bytes = 0  # request bytes whose replies are not written yet
         self.waiting_for_budget: set[_Connection] = set()
-        self.accepting = True
         self._server: asyncio.AbstractServer | None = None
         self._to_flush: dict[_Connection, None] = {}  # connections with replies to write
 
@@ -338,7 +317,7 @@ class SocketServer:
         # asyncio creates the protocol now and calls connection_made later, so a burst of
         # connects must be counted here, not there: reserve the slot at once.
         if len(self.connections) + len(self._reserved) >= self.max_connections:
-            return _Refused(self.max_connections)
+            return _Refused(self.max_connections, self.dispatcher)
         connection = _Connection(self)
         self._reserved.add(connection)
         # A connection whose setup fails never reaches connection_made: free its slot.
@@ -376,8 +355,7 @@ class SocketServer:
         self._reserved.discard(connection)
 
     def stop_accepting(self) -> None:
-        """Stop taking new commands: new lines get `unavailable`, the listener closes."""
-        self.accepting = False
+        """Stop taking new connections (the dispatcher refuses new commands)."""
         if self._server is not None:
             self._server.close()
 
@@ -398,11 +376,13 @@ class SocketServer:
 class _Refused(asyncio.Protocol):
     """Answers one `unavailable` line and hangs up: the connection cap is reached."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, dispatcher: Dispatcher) -> None:
         self._limit = limit
+        self._dispatcher = dispatcher
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         error: AgentError = Unavailable(f"too many connections (limit {self._limit})")
-        transport.write(reply_for_unreadable(error).encode() + b"\n")
+        reply = self._dispatcher.refuse(error, Origin("socket"))
+        transport.write(reply.encode() + b"\n")
         transport.close()

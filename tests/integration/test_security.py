@@ -9,8 +9,6 @@ restart the agent or fill its app table start their own.
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -251,8 +249,13 @@ def a_run(agent: AgentProcess, broker: MosquittoBroker, api: ApiStub) -> None:
     some is still queued at the end."""
     ok(agent, {"command": "identify_customer", "ids": {"registered": "jane@example.com"}})
     ok(agent, {"command": "identify_customer", "ids": {"phone": "+421900000000"}})
-    payment = {"value": 1.5, "currency": "EUR", "payment_system": "Virtual", "product_id": "tea",
-               "product_title": "Tea"}
+    payment = {
+        "value": 1.5,
+        "currency": "EUR",
+        "payment_system": "Virtual",
+        "product_id": "tea",
+        "product_title": "Tea",
+    }
     ok(agent, {"command": "track_payment", "item": payment})
     ok(agent, {"command": "anonymize", "app": "pos", "project": "second"})
     ok(agent, {"command": "identify_customer", "app": "pos", "ids": {"registered": "joe@b.c"}})
@@ -311,7 +314,9 @@ def test_an_upgraded_database_keeps_no_credentials(
     make_v1(state / "queue.db")
     old_secrets = [s.decode() for s in V1_SECRETS]
     assert all(s in b"".join(state_files(state).values()) for s in V1_SECRETS)
-    config = kiosk_config(api, broker, device_id="upgraded", queue={"path": str(state / "queue.db")})
+    config = kiosk_config(
+        api, broker, device_id="upgraded", queue={"path": str(state / "queue.db")}
+    )
     agent: AgentProcess = start(make_agent(config))
     assert_no_secrets(state, old_secrets + SECRETS)
     a_run(agent, broker, api)

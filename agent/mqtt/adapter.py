@@ -3,35 +3,31 @@
 The four things MQTT needs to lose nothing are all here: a fixed client id, a persistent session
 (v5 `clean_start=False` with a Session Expiry Interval on *every* connect; 3.1.1
 `clean_session=False`), subscribing at QoS 1 in `on_connect`, and `manual_ack=True` with the
-PUBACK sent only once `Intake.handle()` says the command is committed (or permanently
-rejected — then it will never become valid, so it is acked and reported on the error topic).
+PUBACK sent only once the dispatcher says the command is committed (or permanently refused —
+then it will never become valid, so it is acked and reported on the error topic).
 
-Threads: paho's network thread only parses packets and hands messages to the asyncio loop with
-`call_soon_threadsafe`; it never blocks and never lets an exception escape (that would kill it).
-Everything stateful — intake, replies, status, timers, reconnects — runs on the loop. `ack()` and
-`publish()` are called from the loop thread: in threaded mode both only append to paho's
-outgoing deque and wake the network thread through its socketpair, which is paho's supported
-way of publishing from another thread.
+Threads: paho's network thread only parses packets and puts messages into the `Inbox`; the
+event loop is woken once per burst and hands everything that arrived since its last pass to
+`agent.dispatch` as one group (one writer transaction, one hand-off back). It never blocks
+and never lets an exception escape (that would kill it). Everything stateful — replies,
+status, reconnects — runs on the loop. `ack()` and `publish()` are called from the loop
+thread: in threaded mode both only append to paho's outgoing deque and wake the network
+thread through its socketpair, which is paho's supported way of publishing from another thread.
 
-Reconnects are ours, not paho's: paho's backoff has no jitter, so a fleet that lost its broker
-would reconnect in lockstep. The network thread is allowed to end whenever the connection does
-(`reconnect_on_failure=False`), and the loop schedules the next attempt with exponential backoff
-and full jitter.
+Reconnects are ours, not paho's (`agent/mqtt/link.py` has the policy): the network thread is
+allowed to end whenever the connection does (`reconnect_on_failure=False`), and the loop
+schedules the next attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import random
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -43,181 +39,46 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.commands import is_valid_app_name, parse_json, request_id_of
 from agent.config import AgentConfig, MqttConfig
+from agent.dispatch import Accepted, Dispatcher, Origin, Reply
 from agent.errors import PERMANENT_CODES, AgentError, InvalidCommand
-from agent.intake import Intake, Origin, Reply
-from agent.logs import RateLimitedLog
+from agent.logs import RateLimitedLog, escape
+from agent.mqtt.client import PahoClient
+from agent.mqtt.inbox import MAX_PENDING_BYTES, WAKE, Inbox, PendingCommands
+from agent.mqtt.link import (
+    STABLE_CONNECTION,
+    Attempt,
+    ProtocolChoice,
+    describe_failure,
+    reconnect_delay,
+)
+from agent.mqtt.status import (
+    OFFLINE_PAYLOAD,
+    STATUS_MAX_INTERVAL,
+    STATUS_MIN_INTERVAL,
+    StatusPolicy,
+)
+from agent.mqtt.topics import Topics, client_id_for
 
 log = logging.getLogger("engagement_agent.mqtt")
 paho_log = logging.getLogger("engagement_agent.mqtt.paho")
 
-#: Replies to these go to the reply topic even without a request_id (SPEC §11).
+#: Replies to these go to the reply topic even without a request_id (docs/mqtt.md).
 QUERY_COMMANDS = frozenset({"status", "flush", "get_customer"})
-OFFLINE_PAYLOAD = b'{"online":false}'
-STATUS_MIN_INTERVAL = 10.0
-STATUS_MAX_INTERVAL = 300.0
-#: A connection that lasted this long resets the reconnect backoff; shorter ones (a broker that
-#: accepts and then kicks us, e.g. a duplicate client id) keep growing it.
-STABLE_CONNECTION = 30.0
 #: Outgoing QoS 1 messages (replies, errors, status) paho keeps while disconnected; beyond this
 #: `publish()` refuses instead of growing without bound.
 MAX_QUEUED_OUTGOING = 1000
 MAX_INFLIGHT_OUTGOING = 100
-#: Payload bytes of received, unfinished commands beyond which QoS 0 commands are dropped
-#: (`limits.max_command_bytes` if that is larger, so one command always fits). The count
-#: bound is `mqtt.receive_maximum`. Without it, a QoS 0 flood faster than the backend grew
-#: memory without limit: QoS 0 has no flow control at all.
-MAX_PENDING_BYTES = 16 * 1024 * 1024
-
-
-def _change_key(status: Mapping[str, Any]) -> str:
-    """What must differ for status to count as changed (SPEC §11): everything but the values
-    that move with the clock alone — `uptime` and `queue.oldest_age` — or an agent with a
-    backlog would republish its retained status every 10 s forever. Other floats (times such
-    as `next_attempt`, derived from the monotonic clock on each call) are compared to the
-    second, so clock-reading noise is not a change either. Both are still published."""
-    relevant = {k: v for k, v in status.items() if k != "uptime"}
-    queue = relevant.get("queue")
-    if isinstance(queue, Mapping):
-        relevant["queue"] = {k: v for k, v in queue.items() if k != "oldest_age"}
-    return json.dumps(_coarse(relevant), sort_keys=True, default=str)
-
-
-def _coarse(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value)
-    if isinstance(value, Mapping):
-        return {k: _coarse(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_coarse(v) for v in value]
-    return value
-
-
-class _LogLimiter:
-    """One log line per key per interval, with a count of what was suppressed.
-
-    A broker outage or a disk-full condition would otherwise write one line per retry or per
-    message; the journal must stay readable.
-    """
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def log(self, key: str, level: int, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self._interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
-            self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            message += " (%d similar messages suppressed)"
-            args = (*args, suppressed)
-        log.log(level, message, *args)
-
-
-@dataclass(frozen=True)
-class _Topics:
-    prefix: str
-    device_id: str
-
-    @property
-    def command_filters(self) -> tuple[str, str]:
-        return (f"{self.prefix}/{self.device_id}/+/command", f"{self.prefix}/all/+/command")
-
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}/{self.device_id}/status"
-
-    def error(self, app: str) -> str:
-        return f"{self.prefix}/{self.device_id}/{app}/error"
-
-    def reply(self, app: str) -> str:
-        return f"{self.prefix}/{self.device_id}/{app}/reply"
-
-    def app_of(self, topic: str) -> str | None:
-        """The app segment of one of our command topics, or None if the topic is not ours."""
-        head = self.prefix + "/"
-        if not topic.startswith(head):
-            return None
-        parts = topic[len(head) :].split("/")
-        if len(parts) != 3 or parts[2] != "command" or parts[0] not in (self.device_id, "all"):
-            return None
-        return parts[1]
-
-
-def client_id_for(config: AgentConfig) -> str:
-    return config.mqtt.client_id or f"engagement-agent-{config.device_id}"
+#: Room for the fixed header, topic and properties of a PUBLISH beyond its payload: the
+#: Maximum Packet Size announced on MQTT 5 is `limits.max_command_bytes` plus this.
+PACKET_OVERHEAD = 1024
 
 
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho leaves it untyped
 
 
-def _link_settings(config: AgentConfig) -> tuple[MqttConfig, str]:
-    return (config.mqtt, config.device_id)
-
-
-class _PahoClient(paho.Client):
-    """paho's client with its `loop_start()` thread body replaced, for two reasons.
-
-    - paho's thread retries the first connection itself with its un-jittered backoff
-      (`retry_first_connection=True`); here a failed attempt simply ends the thread and the
-      adapter schedules the next one with full jitter.
-    - paho's thread wakes every second (`select` timeout 1 s) even when idle; an idle agent
-      should wake only a few times a minute. Writes from other threads still wake it at once
-      through paho's socketpair, and keepalive pings stay well inside 1.5 x keepalive.
-
-    `on_thread_exit` is called (on the network thread) whenever the thread ends, for whatever
-    reason: it is the single place from which reconnects are driven. `_thread_main` is private
-    paho API; paho is pinned to 2.x in pyproject.toml.
-
-    Unlike paho's, this thread body never clears `_thread`: paho's `loop_stop()` on another
-    thread checks `_thread is None` and then calls `_thread.join()`, so clearing it in between
-    made `loop_stop()` raise AttributeError. The ended thread is forgotten by `loop_start()`
-    instead, on the loop thread, which is the only caller of both.
-    """
-
-    def __init__(
-        self,
-        *,
-        idle_timeout: float,
-        on_thread_exit: Callable[[BaseException | None], None],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self._idle_timeout = idle_timeout
-        self._on_thread_exit = on_thread_exit
-
-    def _thread_main(self) -> None:
-        error: BaseException | None = None
-        try:
-            self.loop_forever(timeout=self._idle_timeout, retry_first_connection=False)
-        except Exception as exc:  # a failed connect raises here; it must not kill silently
-            error = exc
-        finally:
-            try:
-                self._on_thread_exit(error)
-            except Exception:
-                log.exception("MQTT: error in the network thread's exit hook")
-
-    def loop_start(self) -> MQTTErrorCode:
-        """Start a network thread, first forgetting the previous one once it has ended.
-
-        Only called after the previous thread reported its end (`on_thread_exit` is its last
-        step), so the join waits at most for that thread to return from the hook.
-        """
-        previous = self._thread
-        if previous is not None and previous is not threading.current_thread():
-            previous.join(1.0)
-            if previous.is_alive():
-                return MQTTErrorCode.MQTT_ERR_INVAL  # the caller schedules another attempt
-            self._thread = None
-        return super().loop_start()
+def _link_settings(config: AgentConfig) -> tuple[MqttConfig, str, int]:
+    return (config.mqtt, config.device_id, config.limits.max_command_bytes)
 
 
 @dataclass
@@ -226,15 +87,20 @@ class _Link:
 
     config: MqttConfig
     client_id: str
-    topics: _Topics
+    topics: Topics
+    max_packet_size: int
+    protocol: ProtocolChoice
     stale_filters: tuple[str, ...] = ()
-    client: _PahoClient | None = None
+    client: PahoClient | None = None
+    client_version: int = 0  # the MQTT version `client` was built for
     # Written by the network thread, read by the loop. `conn_id` changes on every connect and
     # disconnect, so a PUBACK is only ever sent for a message id of the current connection.
     conn_id: int = 0
     connected: bool = False
     connected_at: float | None = None
     last_reason: str = ""
+    connack: int | None = None  # of the current attempt
+    closed_at_connect: bool = False  # of the current attempt
     # Loop-thread state.
     attempts: int = 0
     reconnect_handle: asyncio.TimerHandle | None = None
@@ -243,7 +109,7 @@ class _Link:
     ever_connected: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is slow, and this is per message
 class _Inbound:
     link: _Link
     conn_id: int
@@ -251,27 +117,17 @@ class _Inbound:
     qos: int
     app: str
     payload: bytes
+    retained: bool
     response_topic: str | None = None
     correlation_data: bytes | None = None
 
-
-@dataclass(frozen=True)
-class PendingCommands:
-    """Commands received over MQTT and not finished yet (queued for the loop, being handled or
-    waiting for a retry), with the high-water marks since start and the QoS 0 commands dropped
-    because the cap was reached."""
-
-    count: int
-    bytes: int
-    peak_count: int
-    peak_bytes: int
-    qos0_dropped: int
+    @property
+    def origin(self) -> Origin:
+        return Origin("mqtt", topic_app=self.app)
 
 
 @dataclass
-class _Status:
-    key: str | None = None
-    published_at: float = field(default=-1e9)
+class _StatusTimers:
     deferred: asyncio.TimerHandle | None = None
     heartbeat: asyncio.TimerHandle | None = None
 
@@ -280,15 +136,15 @@ class MqttAdapter:
     """The MQTT side of the daemon. Construct on any thread; call everything else on `loop`.
 
     `status_changed()` alone may be called from any thread. The keyword-only timings exist for
-    tests and benchmarks; the defaults are the SPEC's (reconnect 1 s doubling to 120 s with
-    full jitter, unavailable-retry 1 s doubling to 30 s, status at most every 10 s and at
-    least every 5 minutes).
+    tests and benchmarks; the defaults are the documented ones (reconnect 1 s doubling to
+    120 s with full jitter, unavailable-retry 1 s doubling to 30 s, status at most every 10 s
+    and at least every 5 minutes).
     """
 
     def __init__(
         self,
         config: AgentConfig,
-        intake: Intake,
+        dispatcher: Dispatcher,
         loop: asyncio.AbstractEventLoop,
         status: Callable[[], Mapping[str, Any]],
         *,
@@ -302,7 +158,8 @@ class MqttAdapter:
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
-        self._intake = intake
+        self._pending_limits = self._limits_of(config)
+        self._dispatcher = dispatcher
         self._loop = loop
         self._status = status
         self._reconnect_base = reconnect_base
@@ -310,30 +167,18 @@ class MqttAdapter:
         self._retry_base = retry_base
         self._retry_cap = retry_cap
         self._drain_timeout = drain_timeout
-        self._status_min_interval = status_min_interval
-        self._status_max_interval = status_max_interval
         self._rng = rng or random.Random()
-        self._limiter = _LogLimiter()
+        self._log = RateLimitedLog(log)
         self._link: _Link | None = None
         self._started = False
         self._stopping = False
         self._relink_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._retrying: set[asyncio.Task[Any]] = set()
-        # Messages cross from the network thread in batches: one loop wake-up per burst, not
-        # one per message. Bounded by Receive Maximum (v5) / the broker's in-flight limit (3.1.1).
-        self._inbox: deque[_Inbound] = deque()
-        self._inbox_lock = threading.Lock()
-        self._inbox_scheduled = False
-        # Every command from `_receive` until its handling ends, guarded by `_inbox_lock`:
-        # what the QoS 0 cap is checked against (see `MAX_PENDING_BYTES`).
-        self._pending_count = 0
-        self._pending_bytes = 0
-        self._peak_count = 0
-        self._peak_bytes = 0
-        self._qos0_dropped = 0
-        self._drop_log = RateLimitedLog(log)
-        self._status_state = _Status()
+        # Query tasks, retry tasks and groups being committed: a closing link waits for them.
+        self._work: set[asyncio.Future[Any]] = set()
+        self._retrying: set[asyncio.Task[None]] = set()
+        self._inbox: Inbox[_Inbound] = Inbox()
+        self._status_policy = StatusPolicy(status_min_interval, status_max_interval)
+        self._status_timers = _StatusTimers()
         self._status_hint_pending = False
 
     # ------------------------------------------------------------------ public API
@@ -343,24 +188,30 @@ class MqttAdapter:
         link = self._link
         return link is not None and link.connected
 
+    def status(self) -> dict[str, Any]:
+        """The `mqtt` section of the status document (docs/protocol.md)."""
+        link = self._link
+        connected = link is not None and link.connected
+        return {
+            "connected": connected,
+            "protocol": link.client_version if connected and link is not None else None,
+        }
+
     @property
     def pending_commands(self) -> PendingCommands:
         """How many commands (and payload bytes) the adapter holds right now; thread-safe."""
-        with self._inbox_lock:
-            return PendingCommands(
-                self._pending_count,
-                self._pending_bytes,
-                self._peak_count,
-                self._peak_bytes,
-                self._qos0_dropped,
-            )
+        return self._inbox.snapshot()
 
     @property
     def pending_limits(self) -> tuple[int, int]:
         """The (count, bytes) beyond which QoS 0 commands are dropped."""
+        return self._pending_limits
+
+    @staticmethod
+    def _limits_of(config: AgentConfig) -> tuple[int, int]:
         return (
-            self._config.mqtt.receive_maximum,
-            max(MAX_PENDING_BYTES, self._config.limits.max_command_bytes),
+            config.mqtt.receive_maximum,
+            max(MAX_PENDING_BYTES, config.limits.max_command_bytes),
         )
 
     def start(self) -> None:
@@ -376,8 +227,8 @@ class MqttAdapter:
     async def stop(self) -> None:
         """Finish in-flight commands (bounded), publish offline, disconnect, end the thread.
 
-        Only commands that the backend committed are acked: anything still pending, waiting
-        for a retry or arriving from now on stays unacked and the broker redelivers it.
+        Only commands that were committed are acked: anything still pending, waiting for a
+        retry or arriving from now on stays unacked and the broker redelivers it.
         """
         self._stopping = True
         self._cancel_status_timers()
@@ -385,11 +236,7 @@ class MqttAdapter:
         if relink is not None and not relink.done():
             await asyncio.wait({relink}, timeout=self._drain_timeout + 10.0)
         link, self._link = self._link, None
-        with self._inbox_lock:
-            for inbound in self._inbox:
-                self._pending_count -= 1
-                self._pending_bytes -= len(inbound.payload)
-            self._inbox.clear()
+        self._release(self._inbox.take())
         if link is not None:
             await self._close_link_safely(link)
         self._started = False
@@ -397,6 +244,7 @@ class MqttAdapter:
     def reload(self, config: AgentConfig) -> None:
         """Take new settings; reconnect (after draining in-flight commands) if MQTT's changed."""
         previous, self._config = self._config, config
+        self._pending_limits = self._limits_of(config)
         if not self._started or self._stopping:
             return
         if _link_settings(previous) == _link_settings(config) and (
@@ -419,13 +267,19 @@ class MqttAdapter:
     # ------------------------------------------------------------------ connection lifecycle
 
     def _new_link(self, config: AgentConfig, stale_filters: tuple[str, ...] = ()) -> _Link:
-        topics = _Topics(config.mqtt.topic_prefix, config.device_id)
-        return _Link(config.mqtt, client_id_for(config), topics, stale_filters)
+        return _Link(
+            config.mqtt,
+            client_id_for(config),
+            Topics.of(config),
+            config.limits.max_command_bytes + PACKET_OVERHEAD,
+            ProtocolChoice(config.mqtt.protocol),
+            stale_filters,
+        )
 
-    def _build_client(self, link: _Link) -> _PahoClient:
+    def _build_client(self, link: _Link, version: int) -> PahoClient:
         cfg = link.config
-        v5 = cfg.protocol == 5
-        client = _PahoClient(
+        v5 = version == 5
+        client = PahoClient(
             idle_timeout=max(1.0, min(15.0, cfg.keepalive / 4)),
             on_thread_exit=lambda error: self._thread_exited(link, error),
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -466,14 +320,20 @@ class MqttAdapter:
         if self._stopping or link.closing or link is not self._link:
             return
         cfg = link.config
+        version = link.protocol.version
         try:
-            if link.client is None:
-                link.client = self._build_client(link)
+            if link.client is None or link.client_version != version:
+                link.client = self._build_client(link, version)
+                link.client_version = version
+            link.connack = None
+            link.closed_at_connect = False
             properties = None
-            if cfg.protocol == 5:
+            if version == 5:
                 properties = _properties(PacketTypes.CONNECT)
                 properties.SessionExpiryInterval = cfg.session_expiry
                 properties.ReceiveMaximum = cfg.receive_maximum
+                # The broker drops what we could not accept anyway instead of sending it.
+                properties.MaximumPacketSize = link.max_packet_size
             # clean_start=False on every connect: MQTT_CLEAN_START_FIRST_ONLY would wipe the
             # session (and the commands queued in it) each time the agent restarts.
             link.client.connect_async(
@@ -491,14 +351,24 @@ class MqttAdapter:
         link.connected = False
         if error is not None:
             link.last_reason = f"{error.__class__.__name__}: {error}"
+        attempt = Attempt(
+            link.client_version, link.connack, error is None and link.closed_at_connect
+        )
         with contextlib.suppress(RuntimeError):  # loop closed: nothing to reconnect for
-            self._loop.call_soon_threadsafe(self._connection_ended, link)
+            self._loop.call_soon_threadsafe(self._connection_ended, link, attempt)
 
-    def _connection_ended(self, link: _Link) -> None:
+    def _connection_ended(self, link: _Link, attempt: Attempt) -> None:
         for task in list(self._retrying):
             task.cancel()  # their copies are void: the broker redelivers on reconnect
         if self._stopping or link.closing or link is not self._link:
             return
+        if attempt.connack != 0:
+            link.last_reason = describe_failure(attempt, link.last_reason or "connection closed")
+        switched = link.protocol.after(attempt)
+        if switched is not None:
+            log.warning("%s", switched)
+        if link.protocol.version != attempt.version:
+            link.attempts = 0  # the other version deserves a prompt first try
         self._schedule_reconnect(link)
 
     def _schedule_reconnect(self, link: _Link) -> None:
@@ -517,9 +387,8 @@ class MqttAdapter:
         if link.connected_at is not None and now - link.connected_at >= STABLE_CONNECTION:
             link.attempts = 0
         link.connected_at = None
-        ceiling = min(self._reconnect_cap, self._reconnect_base * 2.0 ** min(link.attempts, 30))
+        delay = reconnect_delay(link.attempts, self._reconnect_base, self._reconnect_cap, self._rng)
         link.attempts += 1
-        delay = self._rng.uniform(0.0, ceiling)  # full jitter
         if link.reconnect_handle is not None:
             link.reconnect_handle.cancel()
         link.reconnect_handle = self._loop.call_later(delay, self._connect, link)
@@ -531,9 +400,9 @@ class MqttAdapter:
             link.reconnect_handle = None
         for task in list(self._retrying):
             task.cancel()
-        pending = {task for task in self._tasks if not task.done()}
+        pending = {work for work in self._work if not work.done()}
         if pending:
-            # Commands the backend is committing right now still get their PUBACK.
+            # Commands being committed right now still get their PUBACK.
             await asyncio.wait(pending, timeout=self._drain_timeout)
         client = link.client
         if client is None:
@@ -573,14 +442,12 @@ class MqttAdapter:
         stale: tuple[str, ...] = ()
         if old is not None:
             await self._close_link_safely(old)
-            new_topics = _Topics(self._config.mqtt.topic_prefix, self._config.device_id)
             same_session = old.client_id == client_id_for(self._config) and (
                 old.config.host,
                 old.config.port,
             ) == (self._config.mqtt.host, self._config.mqtt.port)
             if same_session:
-                # Our persistent session would keep delivering the old topics forever.
-                stale = tuple(set(old.topics.command_filters) - set(new_topics.command_filters))
+                stale = Topics.of(self._config).stale_filters(old.topics)
         if self._stopping or not self._config.mqtt.enabled:
             return
         log.info("MQTT: settings changed; reconnecting")
@@ -600,6 +467,7 @@ class MqttAdapter:
     ) -> None:
         try:
             link: _Link = userdata
+            link.connack = reason_code.value
             if reason_code.is_failure:
                 link.last_reason = f"broker refused the connection: {reason_code}"
                 return
@@ -607,7 +475,7 @@ class MqttAdapter:
             link.connected = True
             link.connected_at = time.monotonic()
             filters = link.topics.command_filters
-            if link.config.protocol == 5:
+            if link.client_version == 5:
                 # noLocal: a response topic pointing at our own command topic cannot loop.
                 # Never retained: a retained command would be replayed on every subscribe.
                 options = SubscribeOptions(
@@ -634,6 +502,8 @@ class MqttAdapter:
             link: _Link = userdata
             link.connected = False
             link.conn_id += 1
+            if link.connack is None:
+                link.closed_at_connect = True
             if not link.closing:
                 link.last_reason = f"disconnected: {reason_code}"
         except Exception:
@@ -668,6 +538,7 @@ class MqttAdapter:
             log.exception("MQTT: error while receiving a message (left unacked)")
 
     def _receive(self, link: _Link, message: paho.MQTTMessage) -> None:
+        """Network thread: as little as possible: find the app, put the message in the inbox."""
         if self._stopping or link.closing:
             return  # unacked: the broker gives it to the next connection
         conn_id = link.conn_id
@@ -675,167 +546,210 @@ class MqttAdapter:
             topic = message.topic
         except UnicodeDecodeError:
             self._ack_raw(link, conn_id, message)
-            self._limiter.log(
-                "bad-topic",
-                logging.WARNING,
-                "MQTT: dropped a message whose topic is not valid UTF-8",
-            )
+            self._log.warning("bad-topic", "MQTT: dropped a message whose topic is not valid UTF-8")
             return
         app = link.topics.app_of(topic)
         if app is None:
             # Only a stale subscription in our session can bring these; acking stops them.
             self._ack_raw(link, conn_id, message)
-            self._limiter.log(
+            self._log.warning(
                 "foreign-topic",
-                logging.WARNING,
                 "MQTT: dropped a message on %s, which is not one of our command topics",
-                topic,
+                escape(topic),
             )
             return
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        payload = bytes(message.payload)
         inbound = _Inbound(
             link,
             conn_id,
             message.mid,
             message.qos,
             app,
-            bytes(message.payload),
+            payload,
+            bool(message.retain),
             response_topic if isinstance(response_topic, str) and response_topic else None,
             bytes(correlation) if correlation is not None else None,
         )
-        if not is_valid_app_name(app):
-            self._reject(
-                inbound,
-                InvalidCommand(
-                    f"invalid command: the topic's app {app!r} must match "
-                    "[a-z0-9][a-z0-9._-]{0,63} and not be 'defaults'",
-                    [{"field": "app", "reason": "invalid app name in the topic"}],
-                ),
-            )
-            return
-        if message.retain:
-            self._reject(
-                inbound,
-                InvalidCommand(
-                    "invalid command: retained commands are ignored (they would be replayed on "
-                    f"every subscribe); clear it with: mosquitto_pub -r -n -t '{topic}'",
-                    [{"field": "(command)", "reason": "retained"}],
-                ),
-            )
-            return
-        size = len(inbound.payload)
-        max_count, max_bytes = self.pending_limits
-        with self._inbox_lock:
-            count, held = self._pending_count, self._pending_bytes
-            # QoS 1 is never dropped here: the broker bounds it (Receive Maximum on MQTT 5,
-            # its in-flight limit on 3.1.1, as we ack only after the commit). QoS 0 has no
-            # flow control, and dropping it is within its at-most-once contract.
-            drop = inbound.qos == 0 and (count >= max_count or held + size > max_bytes)
-            if drop:
-                self._qos0_dropped += 1
-                dropped = self._qos0_dropped
-            else:
-                self._pending_count = count + 1
-                self._pending_bytes = held + size
-                self._peak_count = max(self._peak_count, self._pending_count)
-                self._peak_bytes = max(self._peak_bytes, self._pending_bytes)
-                self._inbox.append(inbound)
-                schedule = not self._inbox_scheduled
-                self._inbox_scheduled = True
-        if drop:
-            self._drop_log.warning(
+        max_count, max_bytes = self._pending_limits
+        admission = self._inbox.put(inbound, len(payload), message.qos, max_count, max_bytes)
+        if not admission.admitted:
+            self._log.warning(
                 "qos0-dropped",
                 "MQTT: dropped a QoS 0 command for app %s: %d commands (%d bytes) are already "
                 "waiting (limits %d commands, %d bytes); %d QoS 0 commands dropped since start. "
                 "Publish at QoS 1 to get flow control instead",
-                app,
-                count,
-                held,
+                escape(app),
+                admission.held_count,
+                admission.held_bytes,
                 max_count,
                 max_bytes,
-                dropped,
+                self._inbox.snapshot().qos0_dropped,
             )
             return
-        if not schedule:
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._drain_inbox)
-        except RuntimeError:
-            with self._inbox_lock:
-                self._inbox_scheduled = False
+        if admission is WAKE:
+            try:
+                self._loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:
+                self._inbox.wake_failed()
 
     def _ack_raw(self, link: _Link, conn_id: int, message: paho.MQTTMessage) -> None:
         if link.client is not None and link.connected and conn_id == link.conn_id:
             link.client.ack(message.mid, message.qos)
 
-    def _reject(self, inbound: _Inbound, error: AgentError) -> None:
-        """A message refused before intake: acked (it can never become valid) and reported."""
+    # ------------------------------------------------------------------ command handling (loop)
+
+    def _drain_inbox(self) -> None:
+        """Everything that arrived since the last pass: one group for the writer."""
+        batch = self._inbox.take()
+        group: list[Accepted] = []
+        members: list[_Inbound] = []
+        for index, inbound in enumerate(batch):
+            if self._stopping or inbound.link.closing:
+                self._release(batch[index:])
+                break  # unacked: redelivered to the next connection
+            prepared = self._prepare(inbound)
+            if isinstance(prepared, Reply):
+                self._settle(inbound, prepared)
+            elif prepared.grouped:
+                group.append(prepared)
+                members.append(inbound)
+            else:
+                self._track(self._loop.create_task(self._query(inbound, prepared)))
+        if group:
+            committed: asyncio.Future[None] = self._loop.create_future()
+            self._track(committed)
+
+            def done(replies: list[Reply]) -> None:
+                committed.set_result(None)
+                self._settle_group(members, replies)
+
+            self._dispatcher.submit(group, done)
+
+    def _prepare(self, inbound: _Inbound) -> Reply | Accepted:
+        """The topic's checks, then the dispatcher's."""
+        if not is_valid_app_name(inbound.app):
+            return self._refuse(
+                inbound,
+                InvalidCommand(
+                    f"invalid command: the topic's app {inbound.app!r} must match "
+                    "[a-z0-9][a-z0-9._-]{0,63} and not be 'defaults'",
+                    [{"field": "app", "reason": "invalid app name in the topic"}],
+                ),
+            )
+        if inbound.retained:
+            return self._refuse(
+                inbound,
+                InvalidCommand(
+                    "invalid command: retained commands are ignored (they would be replayed on "
+                    "every subscribe); clear it with: mosquitto_pub -r -n -t "
+                    f"'{inbound.link.topics.prefix}/{inbound.link.topics.device_id}/"
+                    f"{inbound.app}/command'",
+                    [{"field": "(command)", "reason": "retained"}],
+                ),
+            )
+        return self._dispatcher.prepare(inbound.payload, inbound.origin)
+
+    def _refuse(self, inbound: _Inbound, error: AgentError) -> Reply:
         request_id = None
         if len(inbound.payload) <= self._config.limits.max_command_bytes:
             with contextlib.suppress(AgentError):
                 request_id = request_id_of(parse_json(inbound.payload))
-        log.info("rejected command for app %s from mqtt: %s", inbound.app, error.code.value)
-        self._finish(inbound, Reply(request_id, inbound.app, None, error=error))
+        return self._dispatcher.refuse(error, inbound.origin, request_id)
 
-    # ------------------------------------------------------------------ command handling (loop)
+    def _track(self, work: asyncio.Future[Any]) -> None:
+        self._work.add(work)
+        work.add_done_callback(self._work.discard)
 
-    def _drain_inbox(self) -> None:
-        with self._inbox_lock:
-            batch = list(self._inbox)
-            self._inbox.clear()
-            self._inbox_scheduled = False
-        for index, inbound in enumerate(batch):
-            if self._stopping or inbound.link.closing:
-                self._release(batch[index:])
-                return  # unacked: redelivered to the next connection
-            task = self._loop.create_task(self._process(inbound))
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._task_done, inbound))
+    async def _query(self, inbound: _Inbound, command: Accepted) -> None:
+        self._settle(inbound, await self._dispatcher.query(command))
+
+    def _settle_group(self, inbounds: list[_Inbound], replies: list[Reply]) -> None:
+        """`_settle` for a committed group, with one wake-up of the network thread for the
+        PUBACKs of all the quiet successes (no reply to publish), in the order received."""
+        acks: list[int] = []
+        quiet: list[_Inbound] = []
+        for inbound, reply in zip(inbounds, replies, strict=True):
+            if (
+                reply.error is None
+                and inbound.qos == 1
+                and inbound.response_topic is None
+                and reply.request_id is None
+                and reply.command not in QUERY_COMMANDS
+            ):
+                quiet.append(inbound)
+                link = inbound.link
+                if link.connected and inbound.conn_id == link.conn_id:
+                    acks.append(inbound.mid)
+                continue
+            self._ack_many(inbounds[0].link, acks)  # earlier PUBACKs go first
+            acks = []
+            self._settle(inbound, reply)
+        self._ack_many(inbounds[0].link, acks)
+        self._release(quiet)
+
+    @staticmethod
+    def _ack_many(link: _Link, mids: list[int]) -> None:
+        client = link.client
+        if mids and client is not None:
+            client.ack_many(mids)
+
+    def _settle(self, inbound: _Inbound, reply: Reply) -> None:
+        """A reply is known: ack and report it, or (`unavailable`, `internal`) retry."""
+        error = reply.error
+        if error is None or error.code in PERMANENT_CODES:
+            self._finish(inbound, reply)
+            self._release([inbound])
+            return
+        self._track(self._loop.create_task(self._retry(inbound, error)))
+
+    async def _retry(self, inbound: _Inbound, error: AgentError) -> None:
+        """`unavailable` / `internal`: never acked. Retry while this connection lasts; once it
+        is gone our copy is void and the broker redelivers (with DUP) on reconnect."""
+        delay = self._retry_base
+        try:
+            while self._may_retry(inbound):
+                self._log.warning(
+                    f"retry-{error.code.value}",
+                    "MQTT: command for app %s not accepted (%s: %s); retrying it while connected",
+                    escape(inbound.app),
+                    error.code.value,
+                    error.message,
+                )
+                # Only the wait may be cancelled (the connection ended): a commit in progress
+                # must finish and be acked, or the redelivered copy would be committed twice.
+                task = asyncio.current_task()
+                assert task is not None
+                self._retrying.add(task)
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._retrying.discard(task)
+                if not self._may_retry(inbound):
+                    return
+                reply = await self._run_one(inbound)
+                if reply.error is None or reply.error.code in PERMANENT_CODES:
+                    self._finish(inbound, reply)
+                    return
+                error = reply.error
+                delay = min(delay * 2.0, self._retry_cap)
+        finally:
+            self._release([inbound])
+
+    async def _run_one(self, inbound: _Inbound) -> Reply:
+        prepared = self._prepare(inbound)
+        if isinstance(prepared, Reply):
+            return prepared
+        if not prepared.grouped:
+            return await self._dispatcher.query(prepared)
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._dispatcher.submit([prepared], lambda replies: future.set_result(replies[0]))
+        return await future
 
     def _release(self, done: list[_Inbound]) -> None:
-        with self._inbox_lock:
-            self._pending_count -= len(done)
-            self._pending_bytes -= sum(len(inbound.payload) for inbound in done)
-
-    def _task_done(self, inbound: _Inbound, task: asyncio.Task[None]) -> None:
-        self._release([inbound])
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("MQTT: command handling failed (left unacked)", exc_info=task.exception())
-
-    async def _process(self, inbound: _Inbound) -> None:
-        origin = Origin("mqtt", topic_app=inbound.app)
-        delay = self._retry_base
-        while True:
-            reply = await self._intake.handle(inbound.payload, origin)
-            error = reply.error
-            if error is None or error.code in PERMANENT_CODES:
-                self._finish(inbound, reply)
-                return
-            # `unavailable` / `internal`: never acked. Retry while this connection lasts; once
-            # it is gone our copy is void and the broker redelivers (with DUP) on reconnect.
-            if not self._may_retry(inbound):
-                return
-            self._limiter.log(
-                f"retry-{error.code.value}",
-                logging.WARNING,
-                "MQTT: command for app %s not accepted (%s: %s); retrying it while connected",
-                inbound.app,
-                error.code.value,
-                error.message,
-            )
-            task = asyncio.current_task()
-            assert task is not None
-            self._retrying.add(task)
-            try:
-                await asyncio.sleep(delay)
-            finally:
-                self._retrying.discard(task)
-            if not self._may_retry(inbound):
-                return
-            delay = min(delay * 2.0, self._retry_cap)
+        self._inbox.release([len(inbound.payload) for inbound in done])
 
     def _may_retry(self, inbound: _Inbound) -> bool:
         link = inbound.link
@@ -896,16 +810,15 @@ class MqttAdapter:
         try:
             info = client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         except (ValueError, TypeError) as exc:  # e.g. a response topic with wildcards
-            self._limiter.log(
-                "publish-invalid", logging.WARNING, "MQTT: cannot publish to %r: %s", topic, exc
+            self._log.warning(
+                "publish-invalid", "MQTT: cannot publish to %s: %s", escape(topic), exc
             )
             return None
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            self._limiter.log(
+            self._log.warning(
                 "publish-failed",
-                logging.WARNING,
                 "MQTT: publish to %s failed: %s",
-                topic,
+                escape(topic),
                 paho.error_string(info.rc),
             )
         return info
@@ -922,7 +835,7 @@ class MqttAdapter:
                 cfg.host,
                 cfg.port,
                 link.client_id,
-                "5" if cfg.protocol == 5 else "3.1.1",
+                "5" if link.client_version == 5 else "3.1.1",
                 "session resumed" if session_present else "new session",
             )
         if link.ever_connected and not session_present:
@@ -937,21 +850,21 @@ class MqttAdapter:
 
     def _on_status_hint(self) -> None:
         self._status_hint_pending = False
-        state = self._status_state
-        if not self.connected or state.deferred is not None:
+        timers = self._status_timers
+        if not self.connected or timers.deferred is not None:
             return
-        wait = state.published_at + self._status_min_interval - self._loop.time()
+        wait = self._status_policy.hint_delay(self._loop.time())
         if wait > 0:
-            state.deferred = self._loop.call_later(wait, self._deferred_status)
+            timers.deferred = self._loop.call_later(wait, self._deferred_status)
         else:
             self._publish_status(force=False)
 
     def _deferred_status(self) -> None:
-        self._status_state.deferred = None
+        self._status_timers.deferred = None
         self._publish_status(force=False)
 
     def _heartbeat(self) -> None:
-        self._status_state.heartbeat = None
+        self._status_timers.heartbeat = None
         self._publish_status(force=True)
 
     def _publish_status(self, *, force: bool) -> None:
@@ -959,31 +872,27 @@ class MqttAdapter:
         if link is None or not link.connected or self._stopping:
             return
         try:
-            status = dict(self._status())
+            status = self._status()
         except Exception:
             log.exception("MQTT: the status callback failed")
             return
-        status["online"] = True
-        state = self._status_state
-        key = _change_key(status)
-        if force or key != state.key:
-            payload = json.dumps(status, separators=(",", ":"), default=str).encode()
+        now = self._loop.time()
+        payload = self._status_policy.payload(status, now, force=force)
+        if payload is not None:
             self._publish(link, link.topics.status, payload, retain=True)
-            state.key = key
-            state.published_at = self._loop.time()
-        if state.heartbeat is not None:
-            state.heartbeat.cancel()
-        state.heartbeat = self._loop.call_later(
-            max(0.0, state.published_at + self._status_max_interval - self._loop.time()),
-            self._heartbeat,
+        timers = self._status_timers
+        if timers.heartbeat is not None:
+            timers.heartbeat.cancel()
+        timers.heartbeat = self._loop.call_later(
+            self._status_policy.heartbeat_delay(now), self._heartbeat
         )
 
     def _cancel_status_timers(self) -> None:
-        state = self._status_state
-        for handle in (state.deferred, state.heartbeat):
+        timers = self._status_timers
+        for handle in (timers.deferred, timers.heartbeat):
             if handle is not None:
                 handle.cancel()
-        state.deferred = state.heartbeat = None
+        timers.deferred = timers.heartbeat = None
 
 
-__all__ = ["QUERY_COMMANDS", "MqttAdapter", "client_id_for"]
+__all__ = ["MAX_PENDING_BYTES", "QUERY_COMMANDS", "MqttAdapter"]
