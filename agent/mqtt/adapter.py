@@ -41,7 +41,7 @@ from agent.commands import is_valid_app_name, parse_json, request_id_of
 from agent.config import AgentConfig, MqttConfig
 from agent.dispatch import Accepted, Dispatcher, Origin, Reply
 from agent.errors import PERMANENT_CODES, AgentError, InvalidCommand
-from agent.logs import RateLimitedLog, escape
+from agent.logs import EscapeMessages, RateLimitedLog, escape
 from agent.mqtt.client import PahoClient
 from agent.mqtt.inbox import MAX_PENDING_BYTES, WAKE, Inbox, PendingCommands
 from agent.mqtt.link import (
@@ -61,6 +61,7 @@ from agent.mqtt.topics import Topics, client_id_for
 
 log = logging.getLogger("engagement_agent.mqtt")
 paho_log = logging.getLogger("engagement_agent.mqtt.paho")
+paho_log.addFilter(EscapeMessages())  # it logs topics as received
 
 #: Replies to these go to the reply topic even without a request_id (docs/mqtt.md).
 QUERY_COMMANDS = frozenset({"status", "flush", "get_customer"})
