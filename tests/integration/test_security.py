@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent_devtools.apistub import ApiStub
+from agent_devtools.apistub import ApiStub, Match
 from tests.fixtures.daemon import AgentProcess, SocketClient, deep_merge, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.integration.test_mqtt_e2e import Subscriber
@@ -30,7 +30,7 @@ MAX_COMMAND_BYTES = 4096
 
 #: Secrets the config holds; none of them may ever be written to the state directory. Long
 #: and unlike anything else, so a hit in a scan is never a coincidence.
-KEYS = {"proj-a": "Token a-7Hq2vLw9Xc4ZpRk8", "proj-b": "Bearer b-Ue5nGt3Jy6MsWd1F"}
+KEYS = {"proj-a": "key-a-7Hq2vLw9Xc4ZpRk8", "proj-b": "key-b-Ue5nGt3Jy6MsWd1F"}
 MQTT_PASSWORD = "mqtt-pw-Qz8rTb2VnK4hLx7C"
 SECRETS = [*KEYS.values(), MQTT_PASSWORD]
 
@@ -191,7 +191,7 @@ def test_clients_cannot_add_threads(
     ok(kiosk, {"command": "anonymize", "app": "warm", "project": "second"})
     ok(kiosk, {"command": "track_event", "name": "warm", "app": "warm"})
     ok(kiosk, {"command": "flush", "wait": True})
-    assert {r.project for r in api.requests()} == {"proj-a", "proj-b"}
+    assert {r.project for r in api.requests() if r.authorization_ok} == {"proj-a", "proj-b"}
     working = proc_status(pid)["Threads"]
     # Started on first use: one upload thread per configured project, the one timer that ends
     # slow requests, and the fixed pools for queries (2) and control work (1).
@@ -279,8 +279,10 @@ def test_no_credentials_at_rest_after_a_run(
     state.mkdir()
     config = kiosk_config(api, broker, device_id="at-rest", queue={"path": str(state / "queue.db")})
     agent: AgentProcess = start(make_agent(config))
+    before = len(api.requests())
     a_run(agent, broker, api)
-    assert {r.project for r in api.requests()} == {"proj-a", "proj-b"}
+    sent = api.requests()[before:]
+    assert {r.project for r in sent if r.authorization_ok} == {"proj-a", "proj-b"}
     assert {"queue.db", "queue.db-wal"} <= {p.name for p in state.iterdir()}
     assert_no_secrets(state, SECRETS)  # while running: the WAL holds the latest writes
     # Not vacuous: the files do name both projects, by token and URL.
@@ -381,3 +383,52 @@ def test_two_thousand_app_names_leave_a_small_retained_status(
     assert max(len(a) for a in status["apps"]) == LONGEST_APP_NAME
     assert all(a["push_token_tracked_at"] for n, a in status["apps"].items() if n != "default")
     assert len(payload) <= MAX_APPS * (LONGEST_APP_NAME + APP_ENTRY) + STATUS_REST, len(payload)
+
+
+# ------------------------------------------------------------------ logs
+
+
+#: A terminal escape (clear screen), a carriage return and a line that looks like the agent's.
+HOSTILE = "\x1b[2J\r\nFORGED engagement-agent: all good"
+RAW = ("\x1b", "\r", "\u2028", "\u0085")
+
+
+def test_client_text_never_reaches_the_log_raw(
+    make_agent: Any, api: ApiStub, broker: MosquittoBroker
+) -> None:
+    """Names and text a client chose — over the socket, in an MQTT topic and payload, and
+    echoed back by the API in its refusal — are escaped in every log line."""
+    device = "logged"
+    api.fail_commands(Match(text="echo-"), "invalid event type echo-" + HOSTILE)
+    agent: AgentProcess = start(
+        make_agent(kiosk_config(api, broker, device_id=device, log_level="debug"), name="logged")
+    )
+    with agent.client() as client:
+        client.send_line(b"\x1b[2J\rFORGED not json")
+        assert client.read_reply()["error"]["code"] == "invalid_json"
+        for command in (
+            {"command": HOSTILE},
+            {"command": "track_event", "name": "x", "app": "evil" + HOSTILE},
+            {"command": "track_event", "name": "x", "properties": {HOSTILE: HOSTILE}},
+        ):
+            reply = client.request(command)
+            assert reply["ok"] is ("properties" in command), reply
+        ok(client, {"command": "track_event", "name": "echo-" + HOSTILE})
+    # Mosquitto refuses C0 and C1 controls in topics, but lets U+2028 (a line separator) pass.
+    with MqttApp(broker, "evil\u2028FORGED", device) as app:
+        app.publish({"command": "track_event", "name": "x", "request_id": "bad-app"})
+        wait_for(lambda: app.errors(), 30, "the refusal of the bad app name")
+    with MqttApp(broker, "kiosk-ui", device) as app:
+        app.publish({"command": "track_event", "name": "echo-mqtt" + HOSTILE, "request_id": "e"})
+        wait_for(lambda: app.reply("e"), 30, "the MQTT reply")
+    ok(agent, {"command": "flush", "wait": True})
+    assert agent.status()["queue"]["dead_letters"] == 2, (agent.status(), agent.log())
+    assert agent.terminate() == 0
+
+    log = agent.log()
+    for char in RAW:
+        assert char not in log, (char, log)
+    assert not [line for line in log.split("\n") if line.startswith("FORGED")], log
+    # Not vacuous: the lines that carry the client's text were written, escaped.
+    assert "evil\\u2028FORGED" in log, log
+    assert "echo-\\x1b[2J\\x0d\\x0aFORGED" in log, log
