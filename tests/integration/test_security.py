@@ -85,7 +85,8 @@ class MqttApp:
     def __init__(self, broker: MosquittoBroker, app: str, device: str = DEVICE) -> None:
         self.app = app
         self.device = device
-        self.subscriber = Subscriber(broker.port, topic(app, "+", device))
+        self.replies = Subscriber(broker.port, topic(app, "reply", device))
+        self.refusals = Subscriber(broker.port, topic(app, "error", device))
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
@@ -96,14 +97,14 @@ class MqttApp:
         info.wait_for_publish(30)
 
     def reply(self, request_id: str) -> dict[str, Any] | None:
-        for reply in self.subscriber.on(topic(self.app, "reply", self.device)):
+        for reply in self.replies.on(topic(self.app, "reply", self.device)):
             if reply.get("request_id") == request_id:
                 found: dict[str, Any] = reply
                 return found
         return None
 
     def errors(self) -> list[dict[str, Any]]:
-        return self.subscriber.on(topic(self.app, "error", self.device))
+        return self.refusals.on(topic(self.app, "error", self.device))
 
     def __enter__(self) -> MqttApp:
         return self
@@ -111,7 +112,8 @@ class MqttApp:
     def __exit__(self, *exc: object) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-        self.subscriber.close()
+        self.replies.close()
+        self.refusals.close()
 
 
 def kiosk_config(api: ApiStub, broker: MosquittoBroker, **extra: Any) -> dict[str, Any]:
@@ -432,3 +434,67 @@ def test_client_text_never_reaches_the_log_raw(
     # Not vacuous: the lines that carry the client's text were written, escaped.
     assert "evil\\u2028FORGED" in log, log
     assert "echo-\\x1b[2J\\x0d\\x0aFORGED" in log, log
+
+
+# ------------------------------------------------------------------ oversized MQTT messages
+
+#: Far above `limits.max_command_bytes` (4 KiB here): were it taken in, the agent would grow
+#: by at least this much.
+OVERSIZED = 32 * 1024 * 1024
+
+
+def publish_raw(broker: MosquittoBroker, topic_name: str, payload: bytes, protocol: int) -> None:
+    """One message at QoS 1 from a client of its own, acknowledged by the broker."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        client.publish(topic_name, payload, qos=1).wait_for_publish(60)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_an_oversized_mqtt5_message_never_reaches_the_agent(
+    kiosk: AgentProcess, broker: MosquittoBroker
+) -> None:
+    """On MQTT 5 the agent announces a Maximum Packet Size of limits.max_command_bytes + 1 KiB;
+    the broker drops a larger message for it instead of sending it, so the agent's memory does
+    not grow by the message's size (and it counts no command: it never saw one)."""
+    assert kiosk.status()["mqtt"]["protocol"] == 5
+    pid = pid_of(kiosk)
+    before = proc_status(pid)
+    counts = dict(kiosk.status()["commands"].get("mqtt", {}))
+    big = json.dumps(
+        {"command": "track_event", "name": "big", "properties": {"x": "y" * OVERSIZED}}
+    )
+    with MqttApp(broker, "big") as app:
+        publish_raw(broker, topic("big", "command"), big.encode(), mqtt.MQTTv5)
+        # Delivered in order: had the big one reached the agent, it would be answered first.
+        app.publish({"command": "track_event", "name": "after", "request_id": "after"})
+        wait_for(lambda: app.reply("after"), 30, "the reply to the command after it")
+        assert app.errors() == []
+    after = proc_status(pid)
+    assert after["VmHWM"] - before["VmHWM"] < OVERSIZED // 4 // 1024, (before, after)
+    assert after["VmRSS"] - before["VmRSS"] < OVERSIZED // 4 // 1024, (before, after)
+    counts["ok"] = counts.get("ok", 0) + 1
+    assert kiosk.status()["commands"]["mqtt"] == counts
+
+
+def test_an_oversized_mqtt311_message_is_too_large(
+    make_agent: Any, api: ApiStub, broker: MosquittoBroker
+) -> None:
+    """MQTT 3.1.1 has no Maximum Packet Size: the message arrives and is refused as
+    `too_large` on the error topic; the agent goes on (the shipped broker config's
+    max_packet_size keeps such messages from the agent, docs/security.md)."""
+    device = "old-protocol"
+    config = kiosk_config(api, broker, device_id=device, mqtt={"protocol": 3})
+    agent: AgentProcess = start(make_agent(config))
+    assert agent.status()["mqtt"]["protocol"] == 3
+    big = b'{"command": "track_event", "name": "big", "x": "' + b"y" * (4 * 1024 * 1024) + b'"}'
+    with MqttApp(broker, "big", device) as app:
+        publish_raw(broker, topic("big", "command", device), big, mqtt.MQTTv311)
+        app.publish({"command": "track_event", "name": "after", "request_id": "after"})
+        wait_for(lambda: app.reply("after"), 30, "the reply to the command after it")
+        assert [e["error"]["code"] for e in app.errors()] == ["too_large"]
+    assert agent.status()["commands"]["mqtt"] == {"ok": 1, "too_large": 1}
