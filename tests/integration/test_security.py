@@ -16,6 +16,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent_devtools.apistub import ApiStub, Match
 from tests.fixtures.daemon import AgentProcess, SocketClient, deep_merge, wait_for
@@ -498,3 +500,60 @@ def test_an_oversized_mqtt311_message_is_too_large(
         wait_for(lambda: app.reply("after"), 30, "the reply to the command after it")
         assert [e["error"]["code"] for e in app.errors()] == ["too_large"]
     assert agent.status()["commands"]["mqtt"] == {"ok": 1, "too_large": 1}
+
+
+# ------------------------------------------------------------------ MQTT 5 response topics
+
+
+def publish_with_response_topic(
+    broker: MosquittoBroker, app: str, command: Mapping[str, Any], response_topic: str
+) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = response_topic
+        properties.CorrelationData = b"corr"
+        payload = json.dumps(command).encode()
+        client.publish(
+            topic(app, "command"), payload, qos=1, properties=properties
+        ).wait_for_publish(30)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_a_response_topic_cannot_make_the_agent_speak_elsewhere(
+    kiosk: AgentProcess, broker: MosquittoBroker
+) -> None:
+    """The agent may publish where apps may not (the shipped ACL lets it write every app's
+    reply and error topics and the device's status): an app's MQTT 5 Response Topic is
+    honoured only under that app's own `response/` topics, else the command is refused."""
+    victim = Subscriber(broker.port, f"{PREFIX}/{DEVICE}/#")
+    try:
+        with MqttApp(broker, "attacker") as attacker:
+            for target in (
+                topic("kiosk-ui", "reply"),
+                topic("kiosk-ui", "response/ui"),
+                f"{PREFIX}/{DEVICE}/status",
+                f"{PREFIX}/other-device/attacker/response/x",
+                f"{PREFIX}/{DEVICE}/attacker/reply/response/x",
+                "elsewhere/entirely",
+            ):
+                command = {"command": "status", "request_id": target}
+                publish_with_response_topic(broker, "attacker", command, target)
+                reply = wait_for(lambda t=target: attacker.reply(t), 30, target)
+                assert reply["error"]["code"] == "invalid_command", reply
+                assert "response topic" in reply["error"]["message"]
+            # Under its own response/ topics, the app gets its answer there.
+            own = topic("attacker", "response/ui")
+            publish_with_response_topic(broker, "attacker", {"command": "status"}, own)
+            wait_for(lambda: victim.on(own), 30, "the response on the app's own topic")
+            assert victim.on(own)[0]["ok"] is True
+        spoken = {t for t, _, _ in victim.messages}
+        assert not {t for t in spoken if "/kiosk-ui/" in t}, spoken
+        statuses = [p for t, p, _ in victim.messages if t.endswith("/status")]
+        assert all(json.loads(p).get("online") is not None for p in statuses)
+    finally:
+        victim.close()
