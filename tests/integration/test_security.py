@@ -239,10 +239,12 @@ def state_files(directory: Path) -> dict[Path, bytes]:
 
 def assert_no_secrets(directory: Path, secrets: list[str]) -> None:
     """Every file in the state directory, whatever its name (database, WAL, shared memory,
-    files moved aside), holds none of the secrets."""
+    files moved aside), holds none of the secrets; and, as they hold every app's customers,
+    none is open to other users (the agent's group may read them: the offline CLI does)."""
     files = state_files(directory)
     assert files, f"nothing in {directory}"
     for path, data in files.items():
+        assert path.stat().st_mode & 0o007 == 0, f"{path} is {oct(path.stat().st_mode)}"
         for secret in secrets:
             assert secret.encode() not in data, f"{secret!r} in {path}"
 
@@ -309,6 +311,11 @@ def test_no_credentials_at_rest_after_a_run(
     assert moved, sorted(p.name for p in state.iterdir())
     a_run(agent, broker, api)
     assert_no_secrets(state, SECRETS)
+    # Nor does what the agent says: its status (socket and retained on MQTT) and its log.
+    status = json.dumps(agent.status()) + retained_status(broker, "at-rest")[0].decode()
+    assert agent.terminate() == 0
+    for secret in SECRETS:
+        assert secret not in status and secret not in agent.log(), secret
 
 
 def test_an_upgraded_database_keeps_no_credentials(
@@ -318,6 +325,8 @@ def test_an_upgraded_database_keeps_no_credentials(
     switch, in the WAL and in free pages) loses them when this agent opens it."""
     state = tmp_path / "state"
     make_v1(state / "queue.db")
+    for path in state.iterdir():
+        path.chmod(0o600)  # as the first release created them
     old_secrets = [s.decode() for s in V1_SECRETS]
     assert all(s in b"".join(state_files(state).values()) for s in V1_SECRETS)
     config = kiosk_config(
