@@ -566,3 +566,38 @@ def test_a_response_topic_cannot_make_the_agent_speak_elsewhere(
         assert all(json.loads(p).get("online") is not None for p in statuses)
     finally:
         victim.close()
+
+
+# ------------------------------------------------------------------ one app's state
+
+
+def test_one_app_cannot_grow_its_ids_to_push_out_the_others(
+    make_agent: Any, api: ApiStub, broker: MosquittoBroker
+) -> None:
+    """`identify_customer` merges ids, and every later item carries them all: without a bound,
+    a public-facing app sending new ids over and over would make its items huge and, with
+    `queue.on_full = "drop_oldest"`, push every other app's queued items out."""
+    config = kiosk_config(api, broker, device_id="ids", queue={"max_bytes": 2 * 1024 * 1024})
+    agent: AgentProcess = start(make_agent(config))
+    ok(agent, {"command": "identify_customer", "app": "pos", "ids": {"registered": "a@b.c"}})
+    for i in range(20):
+        ok(agent, {"command": "track_event", "name": f"sale-{i}", "app": "pos"})
+    queued = agent.status()["queue"]["items"]
+    refused = 0
+    with agent.client() as client:
+        for i in range(300):
+            ids = {f"visitor-{i}-{j}": "x" * 900 for j in range(3)}
+            reply = client.request({"command": "identify_customer", "app": "public", "ids": ids})
+            if not reply["ok"]:
+                assert reply["error"]["code"] == "too_large", reply
+                assert reply["error"]["message"].startswith("customer ids too large"), reply
+                refused += 1
+            ok(client, {"command": "track_event", "name": "visit", "app": "public"})
+    assert refused >= 290
+    queue = agent.status()["queue"]
+    assert queue["dropped"] == 0 and queue["items"] >= queued
+    ok(agent, {"command": "flush", "wait": True})
+    sales = [
+        r.data for r in api.received("proj-a") if str(r.data.get("event_type")).startswith("sale-")
+    ]
+    assert len([s for s in sales if s["customer_ids"].get("registered") == "a@b.c"]) == 20
