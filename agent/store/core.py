@@ -287,7 +287,9 @@ class Store:
     def _connect_and_migrate(self, path: str) -> sqlite3.Connection:
         conn = self._connect_writer()
         try:
-            schema.migrate(conn, path)
+            if schema.migrate(conn, path) and schema.compact(conn, path):
+                conn.close()  # a fresh connection derives its settings from the new layout
+                conn = self._connect_writer()
         except BaseException:
             conn.close()
             raise
@@ -308,6 +310,10 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read queue database {self._path}: {exc}") from exc
         counters = Counters(
+            items=loaded.items,
+            bytes=loaded.bytes,
+            held=loaded.held,
+            sendable=loaded.sendable,
             dead_items=loaded.dead_items,
             dead_bytes=loaded.dead_bytes,
             dropped=loaded.history["dropped"],
@@ -315,13 +321,6 @@ class Store:
             dead_dropped=loaded.history["dead_dropped"],
             head_created_at=loaded.head_created_at,
         )
-        for (project_id, held), (n, size, first) in loaded.groups.items():
-            counters.items += n
-            counters.bytes += size
-            if held:
-                counters.held += n
-            else:
-                counters.add_sendable(project_id, n, first)
         counters.outbox_reserved = loaded.ids["outbox"][1]
         counters.dead_reserved = loaded.ids["dead_letters"][1]
         state = WriterState(conn, self.config, counters)
@@ -369,6 +368,9 @@ class Store:
         if self._writer is not None:
             try:
                 self._save_history(self._writer)
+            except sqlite3.Error as exc:
+                log.warning("saving the queue's counters at close: %s", exc)
+            try:
                 self._writer.conn.close()  # the last connection checkpoints and removes the WAL
             except sqlite3.Error as exc:
                 log.warning("closing the queue database: %s", exc)
@@ -514,6 +516,9 @@ class Store:
             log.warning("queue database writes succeed again")
             self._failing = None
         self._log_evictions(state)
+        if state.vacuum_wanted:
+            state.vacuum_wanted = False
+            self._vacuum(state)
         enqueued: set[int] = set()
         finished: list[_Group] = []
         for op, txn, error in failed:
@@ -651,6 +656,21 @@ class Store:
             if future is None or future.running() or future.set_running_or_notify_cancel():
                 op.settle(error, finished, failed=True)
         _call_groups(finished)
+
+    def _vacuum(self, state: WriterState) -> None:
+        """After a purge: rebuild the file when most of it is free pages, so it shrinks (the
+        file has no auto_vacuum: that would write a pointer-map page with most commands).
+        Best effort: on a full disk the free pages stay and are reused."""
+        conn = state.conn
+        try:
+            (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            if free * 2 < pages:
+                return
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("queue database %s: could not shrink the file: %s", self._path, exc)
 
     def _reconnect(self, state: WriterState) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -25,9 +25,6 @@ class ProjectRow:
     id: int
     base_url: str
     project_token: str
-    #: Always "": the database holds no credentials since schema version 2. Kept only until
-    #: the uploader reads credentials from the config alone; do not use it in new code.
-    authorization_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,9 +71,7 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
-class QueueEntry:
-    """A queued item as `queue list` shows it: what it is and where it goes, no payload."""
-
+class _Entry:
     id: int
     project_token: str
     base_url: str
@@ -84,19 +79,18 @@ class QueueEntry:
     kind: str | None
     created_at: float
     size: int
+
+
+@dataclass(frozen=True)
+class QueueEntry(_Entry):
+    """A queued item as `queue list` shows it: what it is and where it goes, no payload."""
+
     held: bool
 
 
 @dataclass(frozen=True)
-class DeadLetterEntry:
+class DeadLetterEntry(_Entry):
     """A dead letter as `queue dead-letters` shows it, with the API's reason."""
 
-    id: int
-    project_token: str
-    base_url: str
-    app: str | None
-    kind: str | None
-    created_at: float
-    size: int
     failed_at: float
     reason: str

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import sqlite3
 from collections.abc import Callable
 from typing import Any, Literal
@@ -48,7 +50,16 @@ RESERVED_META_PREFIX = "store."
 #: a large -wal file behind for good.
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 BUSY_TIMEOUT_MS = 5000
-WAL_AUTOCHECKPOINT_PAGES = 256
+WAL_CHECKPOINT_BYTES = 1024 * 1024
+#: Pages of new files. Small pages make a commit's WAL frames small: a command dirties one
+#: outbox leaf (two or three pages when the leaf fills), and each is a frame of the page size.
+#: docs/architecture.md, "Storage writes", has the measurements behind this value.
+PAGE_SIZE = 1024
+#: An older file is rebuilt with PAGE_SIZE and no auto_vacuum after its migration only when
+#: it is at most this large (a VACUUM needs the file's size twice over, and time at start-up)
+#: and the disk has `_COMPACT_SPACE_FACTOR` times its size free; otherwise it keeps its layout.
+COMPACT_MAX_BYTES = 32 * 1024 * 1024
+_COMPACT_SPACE_FACTOR = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -144,40 +155,36 @@ _KIND_SQL = f"""CASE WHEN json_valid(CAST(payload AS TEXT)) THEN
     END
 END"""
 
-#: JSON keys whose values are credentials; never written to the database.
+#: JSON keys whose values are credentials: schema version 1 kept them in app states.
 SECRET_KEYS = frozenset({"authorization_token", "password"})
 
 
-def scrub_secrets(value: Any) -> tuple[Any, bool]:
-    """`value` with every credential (a `SECRET_KEYS` entry, at any depth) set to "";
-    and whether anything was removed."""
+def _without_secrets(value: Any) -> tuple[Any, bool]:
+    """`value` without any `SECRET_KEYS` entry, at any depth; and whether one was removed."""
     if isinstance(value, dict):
         changed = False
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if key in SECRET_KEYS and isinstance(item, str):
-                out[key] = ""
-                changed = changed or item != ""
-            else:
-                out[key], sub = scrub_secrets(item)
-                changed = changed or sub
+            if key in SECRET_KEYS:
+                changed = True
+                continue
+            out[key], sub = _without_secrets(item)
+            changed = changed or sub
         return out, changed
     if isinstance(value, list):
-        items = [scrub_secrets(item) for item in value]
+        items = [_without_secrets(item) for item in value]
         return [item for item, _ in items], any(sub for _, sub in items)
     return value, False
 
 
-def scrub_state_json(text: str) -> str:
-    """An app state's JSON without credentials (unchanged text when it holds none)."""
-    if not any(f'"{key}":"' in text or f'"{key}": "' in text for key in SECRET_KEYS):
-        return text  # the common case: no switch to another project, nothing to parse
+def _state_without_secrets(text: str) -> str:
+    """An app state's JSON without credentials (the same text when it holds none)."""
     try:
         data = json.loads(text)
     except ValueError:
-        return text  # invalid state: it is ignored when loaded (and holds no parsable secret)
-    scrubbed, changed = scrub_secrets(data)
-    return json.dumps(scrubbed, separators=(",", ":"), ensure_ascii=False) if changed else text
+        return text  # invalid: ignored when loaded, and nothing in it can be parsed out
+    clean, changed = _without_secrets(data)
+    return json.dumps(clean, separators=(",", ":"), ensure_ascii=False) if changed else text
 
 
 def connect(
@@ -196,9 +203,13 @@ def connect(
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if role == "writer":
-            # Only effective before the first table exists; lets a purge give space back
-            # with `incremental_vacuum` instead of a VACUUM that needs twice the space.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            # Both only take effect before the first table exists (a new file); `compact`
+            # converts an older file. Why these values: docs/architecture.md, "Storage writes".
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            conn.execute("PRAGMA auto_vacuum = NONE")
+            # Zero deleted content only where the page is written anyway: Debian's SQLite
+            # defaults to ON, which writes every page a drain frees.
+            conn.execute("PRAGMA secure_delete = FAST")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             log.warning("queue database %s: journal_mode is %s, not wal", path, mode)
@@ -210,7 +221,9 @@ def connect(
             # early, so on a nearly full disk the WAL never holds the whole queue — a state
             # from which neither deletes (they need new WAL frames) nor a checkpoint (it needs
             # the main file to grow) could recover.
-            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            pages = max(1, WAL_CHECKPOINT_BYTES // int(page_size))
+            conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
             # Savepoint sub-journals stay in memory: one per op, a page or two each.
             conn.execute("PRAGMA temp_store = MEMORY")
             if max_page_count is not None:
@@ -333,7 +346,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     for table in ("projects", "outbox", "dead_letters"):
         conn.execute(f"DROP TABLE {table}_v1")
     for app, text in conn.execute("SELECT app, state FROM app_states").fetchall():
-        clean = scrub_state_json(text)
+        clean = _state_without_secrets(text)
         if clean != text:
             conn.execute("UPDATE app_states SET state = ? WHERE app = ?", (clean, app))
     conn.executemany("DELETE FROM meta WHERE key = ?", [(key,) for key in _V1_TOTAL_KEYS])
@@ -357,7 +370,6 @@ def migrate(conn: sqlite3.Connection, path: str) -> bool:
     checkpointed and truncated afterwards, so what a migration removes (credentials) is
     overwritten in the file rather than left in free pages or old WAL frames.
     """
-    (secure,) = conn.execute("PRAGMA secure_delete").fetchone()
     conn.execute("PRAGMA secure_delete = ON")
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -384,8 +396,50 @@ def migrate(conn: sqlite3.Connection, path: str) -> bool:
         # Into the main file, and the WAL (which may hold pre-migration frames) emptied.
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
-        conn.execute(f"PRAGMA secure_delete = {int(secure)}")
+        conn.execute("PRAGMA secure_delete = FAST")
     return True
+
+
+def compact(conn: sqlite3.Connection, path: str) -> bool:
+    """Rebuild a file written with another page size or with auto_vacuum (schema version 1
+    used 4096 and INCREMENTAL) into the current layout; True when it did.
+
+    Best effort, once after a migration: VACUUM needs about twice the file's size and runs
+    before the agent is ready, so a large file or a nearly full disk keeps the old layout
+    (which works; it only writes more per command), and a failure is logged, not fatal.
+    """
+    (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    (auto_vacuum,) = conn.execute("PRAGMA auto_vacuum").fetchone()
+    if int(page_size) == PAGE_SIZE and int(auto_vacuum) == 0:
+        return False
+    try:
+        size = os.path.getsize(path)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError as exc:
+        log.warning("queue database %s: keeps its page layout (%s)", path, exc)
+        return False
+    if size > COMPACT_MAX_BYTES or free < _COMPACT_SPACE_FACTOR * size:
+        log.info(
+            "queue database %s keeps its %d-byte pages: %d bytes is too large to rebuild at "
+            "start-up or the disk has only %d bytes free",
+            path,
+            page_size,
+            size,
+            free,
+        )
+        return False
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE")  # the page size cannot change in WAL mode
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        conn.execute("PRAGMA auto_vacuum = NONE")
+        conn.execute("VACUUM")
+        log.info("queue database %s rebuilt with %d-byte pages", path, PAGE_SIZE)
+        return True
+    except sqlite3.Error as exc:
+        log.warning("queue database %s keeps its page layout: %s", path, exc)
+        return False
+    finally:
+        conn.execute("PRAGMA journal_mode = WAL")
 
 
 class Loaded:
@@ -393,14 +447,28 @@ class Loaded:
     (so nothing a crash interrupted can make it wrong), plus the lazily saved history."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
-        #: (project_id, held) -> (items, bytes, smallest id)
-        self.groups: dict[tuple[int, bool], tuple[int, int, int]] = {
-            (int(pid), bool(held)): (int(n), int(size), int(first))
-            for pid, held, n, size, first in conn.execute(
-                "SELECT project_id, held != 0, count(*), sum(size), min(id) FROM outbox "
-                "GROUP BY 1, 2"
+        items, size, held = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0), count(CASE WHEN held != 0 THEN 1 END) "
+            "FROM outbox"
+        ).fetchone()
+        self.items, self.bytes, self.held = int(items), int(size), int(held)
+        #: project_id -> (items not held, smallest id among them)
+        self.sendable: dict[int, tuple[int, int]] = {}
+        # Conditional aggregates, not GROUP BY: a GROUP BY sorts the whole outbox (~40 MiB of
+        # RSS for 1,000,000 items); this is one scan per 100 projects with constant memory.
+        project_ids = [int(pid) for (pid,) in conn.execute("SELECT id FROM projects")]
+        for start in range(0, len(project_ids) if self.items - self.held else 0, 100):
+            chunk = project_ids[start : start + 100]
+            columns = ", ".join(
+                f"count(CASE WHEN project_id = {pid} AND held = 0 THEN 1 END), "
+                f"min(CASE WHEN project_id = {pid} AND held = 0 THEN id END)"
+                for pid in chunk
             )
-        }
+            row = conn.execute(f"SELECT {columns} FROM outbox").fetchone()
+            for n, pid in enumerate(chunk):
+                count, first = row[2 * n], row[2 * n + 1]
+                if count:
+                    self.sendable[pid] = (int(count), int(first))
         dead_items, dead_bytes = conn.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM dead_letters"
         ).fetchone()

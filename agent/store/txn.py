@@ -17,12 +17,7 @@ import pydantic_core
 
 from agent.errors import QueueFull
 from agent.store.model import ProjectRow
-from agent.store.schema import (
-    ID_RESERVED_KEYS,
-    MAX_KIND_CHARS,
-    RESERVED_META_PREFIX,
-    scrub_state_json,
-)
+from agent.store.schema import ID_RESERVED_KEYS, MAX_KIND_CHARS, RESERVED_META_PREFIX
 from agent.tracker.model import AppState, OutboundItem, Project
 
 if TYPE_CHECKING:
@@ -186,6 +181,8 @@ class WriterState:
         self.next_dead_id = 1
         #: Whether the batch in progress deleted rows (then the id floor may need saving).
         self.deleted: set[str] = set()
+        #: A purge asked for the file to shrink after the commit.
+        self.vacuum_wanted = False
         #: Writes of the batch's finished ops not yet sent to SQLite (see `Txn`).
         self.rows: list[Row] = []
         self.states: dict[str, str] = {}
@@ -204,6 +201,7 @@ class WriterState:
         self.states = {}
         self.meta = {}
         self.deleted.clear()
+        self.vacuum_wanted = False
 
     def id_floors(self) -> list[tuple[str, str]]:
         """The id floors to write with the batch in progress (and now counted as written).
@@ -618,12 +616,9 @@ class Txn:
             counters.items = counters.bytes = counters.held = 0
             counters.sendable = {}
             self._state.head_dirty = True
-        # Give the freed pages back to the filesystem: a purge is when an operator wants it.
-        # Python's sqlite3 steps a row-less statement once, and each step of
-        # incremental_vacuum frees one page, hence the loop (inside this transaction).
-        (free,) = self._sql().execute("PRAGMA freelist_count").fetchone()
-        for _ in range(int(free)):
-            self._sql().execute("PRAGMA incremental_vacuum")
+        # Give the freed pages back to the filesystem once committed: a purge is when an
+        # operator wants it (and what stays is small). See `Store._vacuum`.
+        self._state.vacuum_wanted = True
         return int(count)
 
     def purge_project(self, project_token: str) -> int:
@@ -696,10 +691,8 @@ class Txn:
         return row
 
     def save_app_state(self, app: str, state: AppState) -> None:
-        """Persist an app's state; credentials in it (a project an app switched to) are
-        blanked: the database holds none (docs/security.md)."""
         self._check()
-        self.states[app] = scrub_state_json(state.model_dump_json())
+        self.states[app] = state.model_dump_json()
 
     def set_meta(self, key: str, value: str) -> None:
         self._check()

@@ -93,11 +93,7 @@ def test_ids_are_never_reused_after_draining(store: Store) -> None:
 
 def test_project_rows_hold_no_credentials(store: Store) -> None:
     row = store.project_for(P1)
-    assert (row.base_url, row.project_token, row.authorization_token) == (
-        "https://api.example.com",
-        "token-one",
-        "",
-    )
+    assert (row.base_url, row.project_token) == ("https://api.example.com", "token-one")
     slash = Project("token-one", "", "https://api.example.com/")
     assert store.project_for(slash) == row  # same key
     other_key = store.project_for(Project("token-one", "new-auth", "https://api.example.com"))
