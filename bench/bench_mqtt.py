@@ -15,6 +15,12 @@ same run, i.e. what the broker and the publisher can do at all on this machine.
 The broker runs with `max_queued_messages 0`: the publisher outpaces any subscriber, and
 Mosquitto's default (1000 queued per client) would otherwise drop QoS 1 messages — see
 docs/mqtt.md.
+
+    python3 bench/bench_mqtt.py --paho-from-loop
+
+runs the design the agent did not take, for comparison: paho driven from the asyncio loop
+without a network thread (`add_reader`/`add_writer` on paho's socket and a `loop_misc` task, as
+aiomqtt did in its paho era). docs/benchmarks.md has both.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from agent.config import AgentConfig, MqttConfig, ProjectConfig, QueueConfig  # 
 from agent.device import read_device_info  # noqa: E402
 from agent.dispatch import Accepted, Dispatcher  # noqa: E402
 from agent.engine import Engine, Runner  # noqa: E402
-from agent.mqtt.adapter import MqttAdapter  # noqa: E402
+from agent.mqtt.adapter import MqttAdapter, _Link  # noqa: E402
+from agent.mqtt.client import PahoClient  # noqa: E402
 from agent.store import Store  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -51,6 +58,57 @@ class NoQueries:
 
     async def query(self, command: Accepted) -> Mapping[str, Any]:
         return {}
+
+
+class PahoFromLoop(MqttAdapter):
+    """The adapter with paho driven from the event loop instead of its network thread.
+
+    Only what the benchmark needs: one connection (blocking connect to the local broker), no
+    reconnects. Received messages then go through the same inbox, dispatcher and acks.
+    """
+
+    def _connect(self, link: _Link) -> None:
+        loop = self._loop
+        cfg = link.config
+        version = link.protocol.version
+        client: PahoClient = self._build_client(link, version)
+        link.client, link.client_version = client, version
+
+        def opened(c: Any, userdata: Any, sock: Any) -> None:
+            loop.add_reader(sock, c.loop_read)
+
+        def closed(c: Any, userdata: Any, sock: Any) -> None:
+            loop.remove_reader(sock)
+            loop.remove_writer(sock)
+
+        client.on_socket_open = opened
+        client.on_socket_close = closed
+
+        def want_write(c: Any, userdata: Any, sock: Any) -> None:
+            loop.add_writer(sock, c.loop_write)
+
+        def written(c: Any, userdata: Any, sock: Any) -> None:
+            loop.remove_writer(sock)
+
+        client.on_socket_register_write = want_write
+        client.on_socket_unregister_write = written
+        if version == 5:
+            client.connect(cfg.host, cfg.port, cfg.keepalive, clean_start=False)
+        else:
+            client.connect(cfg.host, cfg.port, cfg.keepalive)
+
+        async def misc() -> None:  # keepalive pings
+            while client.loop_misc() == 0:
+                await asyncio.sleep(1.0)
+
+        self._misc = loop.create_task(misc())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        link = self._link
+        if link is not None and link.client is not None:
+            link.client.disconnect()
+        self._misc.cancel()
 
 
 def write_lines(path: Path, count: int) -> None:
@@ -93,7 +151,13 @@ def cpu_seconds() -> float:
 
 
 async def adapter_round(
-    broker: MosquittoBroker, directory: Path, lines: Path, count: int, protocol: int, round_no: int
+    broker: MosquittoBroker,
+    directory: Path,
+    lines: Path,
+    count: int,
+    protocol: int,
+    round_no: int,
+    adapter_class: type[MqttAdapter] = MqttAdapter,
 ) -> tuple[float, float]:
     """(commands/s, agent CPU µs per command) for one run into a fresh database."""
     config = AgentConfig(
@@ -115,7 +179,7 @@ async def adapter_round(
     engine = Engine(store, config, read_device_info("bench-uuid", "kiosk", "bench"))
     engine.load()
     dispatcher = Dispatcher(config, Runner(engine, loop), NoQueries())
-    adapter = MqttAdapter(config, dispatcher, loop, lambda: {"online": True})
+    adapter = adapter_class(config, dispatcher, loop, lambda: {"online": True})
     adapter.start()
 
     def committed() -> int:
@@ -167,10 +231,15 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--paho-from-loop", action="store_true", help="the alternative design, for comparison"
+    )
+    parser.add_argument(
         "--protocol", type=int, choices=(3, 5), action="append", help="only these (default both)"
     )
     args = parser.parse_args()
     protocols = args.protocol or [5, 3]
+    adapter_class = PahoFromLoop if args.paho_from_loop else MqttAdapter
+    how = "paho driven from the loop" if args.paho_from_loop else "committed"
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         directory = Path(tmp)
         broker = MosquittoBroker(directory / "broker", ["max_queued_messages 0"])
@@ -181,7 +250,7 @@ def main() -> None:
         rows: list[tuple[str, list[float], list[float]]] = [
             ("mosquitto_sub -q 1 (C baseline)", [], []),
             *(
-                (f"agent, MQTT {'5' if p == 5 else '3.1.1'} (committed, durability full)", [], [])
+                (f"agent, MQTT {'5' if p == 5 else '3.1.1'} ({how}, durability full)", [], [])
                 for p in protocols
             ),
         ]
@@ -190,7 +259,9 @@ def main() -> None:
                 rows[0][1].append(baseline(broker, lines, args.count, round_no))
                 for row, protocol in zip(rows[1:], protocols, strict=True):
                     rate, cpu = asyncio.run(
-                        adapter_round(broker, directory, lines, args.count, protocol, round_no)
+                        adapter_round(
+                            broker, directory, lines, args.count, protocol, round_no, adapter_class
+                        )
                     )
                     row[1].append(rate)
                     row[2].append(cpu)
@@ -204,8 +275,8 @@ def main() -> None:
     print("|---|---:|---:|---|")
     for name, rates, cpus in rows:
         rounds = ", ".join(f"{r:,.0f}" for r in rates)
-        cpu = f"{statistics.median(cpus):,.0f}" if cpus else "–"
-        print(f"| {name} | {statistics.median(rates):,.0f} | {cpu} | {rounds} |")
+        cpu_text = f"{statistics.median(cpus):,.0f}" if cpus else "–"
+        print(f"| {name} | {statistics.median(rates):,.0f} | {cpu_text} | {rounds} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Connect and reconnect policy of the broker link (pure; docs/mqtt.md, "Connection").
 
-- Reconnects: exponential backoff with full jitter (`reconnect_delay`), so a fleet that lost
-  its broker does not come back in lockstep; a connection that lasted `STABLE_CONNECTION`
-  resets it, a broker that accepts and then kicks us at once keeps growing it.
+- Reconnects: exponential backoff with full jitter (`reconnect_delay`, the shared
+  `agent/backoff.py`), so a fleet that lost its broker does not come back in lockstep; a
+  connection that lasted `STABLE_CONNECTION` resets it, a broker that accepts and then kicks
+  us at once keeps growing it.
 - `mqtt.protocol = "auto"` (`ProtocolChoice`): MQTT 5 first, MQTT 3.1.1 when the broker
   refuses 5 — a CONNACK "unsupported protocol version", or the connection closed during
   CONNECT before any version worked (RabbitMQ 3.10 does that). `5` and `3` force one.
@@ -16,6 +17,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from agent.backoff import full_jitter
+
 #: A connection that lasted this long resets the reconnect backoff.
 STABLE_CONNECTION = 30.0
 #: CONNACK reason codes meaning "not this protocol version": MQTT 5's 0x84, and 3.1.1's 1
@@ -27,8 +30,8 @@ ProtocolSetting = Literal["auto", 3, 5]
 
 def reconnect_delay(attempts: int, base: float, cap: float, rng: random.Random) -> float:
     """Seconds before reconnect attempt number `attempts` (0 for the first retry): uniform
-    in [0, min(cap, base * 2**attempts)] (full jitter)."""
-    return rng.uniform(0.0, min(cap, base * 2.0 ** min(attempts, 30)))
+    in [0, min(cap, base * 2**attempts)) (full jitter)."""
+    return full_jitter(attempts, base=base, cap=cap, uniform=rng.random())
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ the Maximum Packet Size, `mqtt.protocol = "auto"`, and what status counts (docs/
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.integration.test_mqtt_e2e import Subscriber
+from tests.reliability.harness import pipe
 
 PREFIX = "engagement"
 DEVICE = "test-device"
@@ -172,22 +172,10 @@ class RefuseMqtt5Relay:
                 return
             with socket.create_connection(("127.0.0.1", self.broker_port)) as upstream:
                 upstream.sendall(head)
-                back = threading.Thread(target=self._pipe, args=(upstream, client), daemon=True)
+                back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
                 back.start()
-                self._pipe(client, upstream)
+                pipe(client, upstream)
                 back.join(5)
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._closing = True

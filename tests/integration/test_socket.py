@@ -72,7 +72,7 @@ def test_pipelined_requests_are_answered_in_order(agent: AgentProcess) -> None:
             + b"}",
             "invalid_command",
         ),
-        (b"{\"command\": \"track_event\", \"properties\": " + b"[" * 5000, "invalid_command"),
+        (b'{"command": "track_event", "properties": ' + b"[" * 5000, "invalid_command"),
     ],
 )
 def test_bad_commands_get_a_clear_error_and_leave_no_trace(
