@@ -9,7 +9,6 @@ restart the agent or fill its app table start their own.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -65,19 +64,6 @@ def ok(agent: AgentProcess | SocketClient, command: Mapping[str, Any]) -> dict[s
 
 def topic(app: str, kind: str, device: str = DEVICE) -> str:
     return f"{PREFIX}/{device}/{app}/{kind}"
-
-
-def mqtt_publish(broker: MosquittoBroker, app: str, payload: bytes, version: str = "5") -> None:
-    """Published at QoS 1 by Mosquitto's own client, the body from stdin."""
-    subprocess.run(
-        [
-            "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-V", version,
-            "-t", topic(app, "command"), "-s",
-        ],
-        input=payload,
-        check=True,
-        timeout=60,
-    )  # fmt: skip
 
 
 class MqttApp:
@@ -158,12 +144,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[ApiStub]:
-    stub = ApiStub("127.0.0.1", 0, KEYS)
-    stub.start()
-    try:
+    """The stand-in, knowing this module's keys (not the shared fixture's short ones)."""
+    with ApiStub("127.0.0.1", 0, KEYS) as stub:
         yield stub
-    finally:
-        stub.stop()
 
 
 @pytest.fixture(scope="module")
