@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -45,8 +46,9 @@ from agent.config import AgentConfig, MqttConfig, ProjectConfig, QueueConfig  # 
 from agent.device import read_device_info  # noqa: E402
 from agent.dispatch import Accepted, Dispatcher  # noqa: E402
 from agent.engine import Engine, Runner  # noqa: E402
-from agent.mqtt.adapter import MqttAdapter, _Link  # noqa: E402
+from agent.mqtt.adapter import MqttAdapter  # noqa: E402
 from agent.mqtt.client import PahoClient  # noqa: E402
+from agent.mqtt.connection import Connection, Link  # noqa: E402
 from agent.store import Store  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -60,14 +62,14 @@ class NoQueries:
         return {}
 
 
-class PahoFromLoop(MqttAdapter):
-    """The adapter with paho driven from the event loop instead of its network thread.
+class LoopDrivenConnection(Connection):
+    """paho driven from the event loop instead of its network thread.
 
     Only what the benchmark needs: one connection (blocking connect to the local broker), no
     reconnects. Received messages then go through the same inbox, dispatcher and acks.
     """
 
-    def _connect(self, link: _Link) -> None:
+    def _connect(self, link: Link) -> None:
         loop = self._loop
         cfg = link.config
         version = link.protocol.version
@@ -81,15 +83,14 @@ class PahoFromLoop(MqttAdapter):
             loop.remove_reader(sock)
             loop.remove_writer(sock)
 
-        client.on_socket_open = opened
-        client.on_socket_close = closed
-
         def want_write(c: Any, userdata: Any, sock: Any) -> None:
             loop.add_writer(sock, c.loop_write)
 
         def written(c: Any, userdata: Any, sock: Any) -> None:
             loop.remove_writer(sock)
 
+        client.on_socket_open = opened
+        client.on_socket_close = closed
         client.on_socket_register_write = want_write
         client.on_socket_unregister_write = written
         if version == 5:
@@ -103,12 +104,30 @@ class PahoFromLoop(MqttAdapter):
 
         self._misc = loop.create_task(misc())
 
-    async def stop(self) -> None:
+    async def stop(self, relink_timeout: float) -> None:
         self._stopping = True
-        link = self._link
+        link = self.link
         if link is not None and link.client is not None:
             link.client.disconnect()
         self._misc.cancel()
+
+
+class PahoFromLoop(MqttAdapter):
+    """The adapter with `LoopDrivenConnection` in place of its own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection = LoopDrivenConnection(
+            self._config,
+            self._loop,
+            on_message=self._receive,
+            on_connected=self._connected,
+            on_lost=self._cancel_retries,
+            drain=self._drain_work,
+            reconnect_base=1.0,
+            reconnect_cap=120.0,
+            rng=random.Random(),
+        )
 
 
 def write_lines(path: Path, count: int) -> None:

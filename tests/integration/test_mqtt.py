@@ -833,7 +833,7 @@ def test_reload_reconnects_even_if_stopping_the_old_thread_fails(
         harness = Harness(mosquitto)
         backend = FakeBackend()
         adapter = await harness.start(backend)
-        link = adapter._link
+        link = adapter._connection.link
         assert link is not None and link.client is not None
 
         def broken_loop_stop() -> Any:
@@ -846,7 +846,7 @@ def test_reload_reconnects_even_if_stopping_the_old_thread_fails(
                 mqtt=MqttConfig(host="127.0.0.1", port=mosquitto.port, topic_prefix="site/b"),
             )
         )
-        await until(lambda: adapter._link not in (None, link), "a new link")
+        await until(lambda: adapter._connection.link not in (None, link), "a new link")
         await until(lambda: adapter.connected, "the new connection")
         app = AppClient(mosquitto.port)
         app.publish(f"site/b/{DEVICE}/kiosk/command", track("after-reload"))

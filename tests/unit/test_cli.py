@@ -40,46 +40,27 @@ STATUS = {
         "rejected": 2,
         "dead_letters": 3,
         "oldest_age": 305.0,
-        "recovered": [
-            {
-                "file": "/q.db.corrupt-20240501T120000Z",
-                "at": 1714564800.0,
-                "reason": "quick_check failed",
-            }
-        ],
+        "recovered": [{"file": "/q.db.corrupt-20240501T120000Z", "at": 1714564800.0,
+                       "reason": "quick_check failed"}],
     },
-    "sync": {
-        "projects": [
-            {
-                "project_token": "tok-1",
-                "base_url": "https://api.example.com",
-                "state": "backoff",
-                "last_success": None,
-                "last_error": "HTTP 503",
-                "next_attempt": 4102444000.0,
-                "sent": 40,
-            }
-        ]
-    },
+    "sync": {"projects": [{
+        "project_token": "tok-1", "base_url": "https://api.example.com", "state": "backoff",
+        "last_success": None, "last_error": "HTTP 503", "next_attempt": 4102444000.0,
+        "sent": 40,
+    }]},
     "mqtt": {"enabled": True, "connected": False},
     "apps": {"kiosk-ui": {"session": "active", "cookie": "c0ffee", "push_token_tracked_at": None}},
 }
 
 
 def ok(result: dict[str, Any] | None = None) -> Responder:
-    return lambda request: {
-        "ok": True,
-        "request_id": request.get("request_id"),
-        "result": result or {},
-    }
+    return lambda request: {"ok": True, "request_id": request.get("request_id"),
+                            "result": result or {}}
 
 
 def rejected(code: str, message: str) -> Responder:
-    return lambda request: {
-        "ok": False,
-        "request_id": request.get("request_id"),
-        "error": {"code": code, "message": message},
-    }
+    return lambda request: {"ok": False, "request_id": request.get("request_id"),
+                            "error": {"code": code, "message": message}}
 
 
 class FakeAgent:
@@ -170,160 +151,50 @@ def cli(capsys: pytest.CaptureFixture[str], agent: FakeAgent) -> Run:
 
 # -- commands built by each verb ------------------------------------------------------------
 
-
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (
-            ["track", "door_opened"],
-            {"command": "track_event", "name": "door_opened", "properties": {}},
-        ),
-        (
-            [
-                "track",
-                "buy",
-                "-p",
-                "price=12.5",
-                "-p",
-                "gift=true",
-                "-p",
-                "code=007",
-                "-p",
-                "name=Jane Doe",
-                "-p",
-                'quoted="5"',
-                "-p",
-                "tags=[1,2]",
-                "-p",
-                "none=null",
-                "-p",
-                "expr=a=b",
-                "--timestamp",
-                "1714564800.5",
-                "--app",
-                "kiosk-ui",
-            ],
-            {
-                "command": "track_event",
-                "name": "buy",
-                "app": "kiosk-ui",
-                "timestamp": 1714564800.5,
-                "properties": {
-                    "price": 12.5,
-                    "gift": True,
-                    "code": "007",
-                    "name": "Jane Doe",
-                    "quoted": "5",
-                    "tags": [1, 2],
-                    "none": None,
-                    "expr": "a=b",
-                },
-            },
-        ),
-        (
-            ["track", "x", "--json-properties", '{"a": 1, "b": {"c": [true]}}', "-p", "a=2"],
-            {"command": "track_event", "name": "x", "properties": {"a": 2, "b": {"c": [True]}}},
-        ),
-        (
-            ["track", "x", "--timestamp", "2024-05-01T12:00:00Z"],
-            {"command": "track_event", "name": "x", "properties": {}, "timestamp": 1714564800.0},
-        ),
-        (
-            ["identify", "--id", "registered=jane@example.com", "--id", "crm=42", "-p", "age=30"],
-            {
-                "command": "identify_customer",
-                "ids": {"registered": "jane@example.com", "crm": "42"},
-                "properties": {"age": 30},
-            },
-        ),
+        (["track", "door_opened"], {"command": "track_event", "name": "door_opened",
+                                    "properties": {}}),
+        (["track", "buy", "-p", "price=12.5", "-p", "gift=true", "-p", "code=007",
+          "-p", "name=Jane Doe", "-p", 'quoted="5"', "-p", "tags=[1,2]", "-p", "none=null",
+          "-p", "expr=a=b", "--timestamp", "1714564800.5", "--app", "kiosk-ui"],
+         {"command": "track_event", "name": "buy", "app": "kiosk-ui", "timestamp": 1714564800.5,
+          "properties": {"price": 12.5, "gift": True, "code": "007", "name": "Jane Doe",
+                         "quoted": "5", "tags": [1, 2], "none": None, "expr": "a=b"}}),
+        (["track", "x", "--json-properties", '{"a": 1, "b": {"c": [true]}}', "-p", "a=2"],
+         {"command": "track_event", "name": "x", "properties": {"a": 2, "b": {"c": [True]}}}),
+        (["track", "x", "--timestamp", "2024-05-01T12:00:00Z"],
+         {"command": "track_event", "name": "x", "properties": {}, "timestamp": 1714564800.0}),
+        (["identify", "--id", "registered=jane@example.com", "--id", "crm=42", "-p", "age=30"],
+         {"command": "identify_customer", "ids": {"registered": "jane@example.com", "crm": "42"},
+          "properties": {"age": 30}}),
         (["anonymize", "--app", "a1"], {"command": "anonymize", "app": "a1"}),
-        (
-            [
-                "anonymize",
-                "--project",
-                '{"project_token": "t", "authorization_token": "k"}',
-                "--mapping",
-                '{"payment": []}',
-            ],
-            {
-                "command": "anonymize",
-                "project": {"project_token": "t", "authorization_token": "k"},
-                "mapping": {"payment": []},
-            },
-        ),
+        (["anonymize", "--project", '{"project_token": "t", "authorization_token": "k"}',
+          "--mapping", '{"payment": []}'],
+         {"command": "anonymize", "project": {"project_token": "t", "authorization_token": "k"},
+          "mapping": {"payment": []}}),
         (["session", "start"], {"command": "track_session_start"}),
-        (
-            ["session", "end", "--timestamp", "5"],
-            {"command": "track_session_end", "timestamp": 5.0},
-        ),
-        (
-            ["foreground", "--app-version", "2.4.1"],
-            {"command": "app_foreground", "app_version": "2.4.1"},
-        ),
+        (["session", "end", "--timestamp", "5"], {"command": "track_session_end",
+                                                  "timestamp": 5.0}),
+        (["foreground", "--app-version", "2.4.1"], {"command": "app_foreground",
+                                                     "app_version": "2.4.1"}),
         (["background"], {"command": "app_background"}),
         (["push-token", "tok"], {"command": "track_push_token", "token": "tok"}),
         (["push-token", "tok", "--hms"], {"command": "track_hms_push_token", "token": "tok"}),
         (["verify-push-token"], {"command": "verify_push_token"}),
-        (
-            [
-                "payment",
-                "--value",
-                "12.34",
-                "--currency",
-                "EUR",
-                "--payment-system",
-                "Virtual",
-                "--product-id",
-                "handbag",
-                "--product-title",
-                "Red handbag",
-            ],
-            {
-                "command": "track_payment",
-                "item": {
-                    "value": 12.34,
-                    "currency": "EUR",
-                    "payment_system": "Virtual",
-                    "product_id": "handbag",
-                    "product_title": "Red handbag",
-                },
-            },
-        ),
-        (
-            [
-                "payment",
-                "--value",
-                "1",
-                "--currency",
-                "EUR",
-                "--payment-system",
-                "V",
-                "--product-id",
-                "p",
-                "--product-title",
-                "t",
-                "--receipt",
-                "R-1",
-                "--timestamp",
-                "9",
-            ],
-            {
-                "command": "track_payment",
-                "timestamp": 9.0,
-                "item": {
-                    "value": 1.0,
-                    "currency": "EUR",
-                    "payment_system": "V",
-                    "product_id": "p",
-                    "product_title": "t",
-                    "receipt": "R-1",
-                },
-            },
-        ),
-        (
-            ["default-properties", "-p", "store=berlin-3", "-p", "floor=2"],
-            {"command": "set_default_properties", "properties": {"store": "berlin-3", "floor": 2}},
-        ),
+        (["payment", "--value", "12.34", "--currency", "EUR", "--payment-system", "Virtual",
+          "--product-id", "handbag", "--product-title", "Red handbag"],
+         {"command": "track_payment", "item": {
+             "value": 12.34, "currency": "EUR", "payment_system": "Virtual",
+             "product_id": "handbag", "product_title": "Red handbag"}}),
+        (["payment", "--value", "1", "--currency", "EUR", "--payment-system", "V",
+          "--product-id", "p", "--product-title", "t", "--receipt", "R-1", "--timestamp", "9"],
+         {"command": "track_payment", "timestamp": 9.0, "item": {
+             "value": 1.0, "currency": "EUR", "payment_system": "V", "product_id": "p",
+             "product_title": "t", "receipt": "R-1"}}),
+        (["default-properties", "-p", "store=berlin-3", "-p", "floor=2"],
+         {"command": "set_default_properties", "properties": {"store": "berlin-3", "floor": 2}}),
         (["default-properties"], {"command": "set_default_properties", "properties": {}}),
         (["flush"], {"command": "flush", "wait": False}),
         (["flush", "--wait"], {"command": "flush", "wait": True}),
@@ -344,7 +215,7 @@ def test_property_values_follow_the_json_else_string_rule() -> None:
     assert property_pair("s=") == ("s", "")
     assert property_pair("nan=NaN") == ("nan", "NaN")  # not strict JSON: a string
     assert property_pair("big=1e999") == ("big", "1e999")  # overflows: kept as text
-    assert property_pair('o={"k": 1}') == ("o", {"k": 1})
+    assert property_pair("o={\"k\": 1}") == ("o", {"k": 1})
 
 
 def test_naive_iso_timestamps_are_local_time() -> None:
@@ -366,19 +237,8 @@ def test_naive_iso_timestamps_are_local_time() -> None:
         ["identify", "--id", "registered"],
         ["session", "middle"],
         ["payment", "--value", "12.34"],
-        [
-            "payment",
-            "--value",
-            "abc",
-            "--currency",
-            "EUR",
-            "--payment-system",
-            "V",
-            "--product-id",
-            "p",
-            "--product-title",
-            "t",
-        ],
+        ["payment", "--value", "abc", "--currency", "EUR", "--payment-system", "V",
+         "--product-id", "p", "--product-title", "t"],
         ["queue", "show"],
         ["queue", "show", "0"],
         ["queue", "list", "--limit", "-1"],
@@ -396,25 +256,9 @@ def test_usage_errors_exit_64_with_one_line(cli: Run, agent: FakeAgent, argv: li
 
 
 def test_help_for_every_verb_has_examples(cli: Run) -> None:
-    verbs = [
-        "run",
-        "check-config",
-        "track",
-        "identify",
-        "anonymize",
-        "session",
-        "foreground",
-        "background",
-        "push-token",
-        "verify-push-token",
-        "payment",
-        "default-properties",
-        "flush",
-        "customer",
-        "status",
-        "send",
-        "queue",
-    ]
+    verbs = ["run", "check-config", "track", "identify", "anonymize", "session", "foreground",
+             "background", "push-token", "verify-push-token", "payment", "default-properties",
+             "flush", "customer", "status", "send", "queue"]
     for verb in verbs:
         code, out, _ = cli(verb, "--help", socket=False)
         assert code == 0
@@ -425,7 +269,6 @@ def test_help_for_every_verb_has_examples(cli: Run) -> None:
 
 
 # -- global options before and after the verb -------------------------------------------------
-
 
 def test_global_options_work_before_and_after_the_verb(
     cli: Run, agent: FakeAgent, short_dir: Path
@@ -438,7 +281,8 @@ def test_global_options_work_before_and_after_the_verb(
         code, out, _ = cli(*argv, socket=False)
         assert code == 0
         assert json.loads(out)["ok"] is True
-        assert agent.last == {"command": "track_event", "name": "x", "app": "a1", "properties": {}}
+        assert agent.last == {"command": "track_event", "name": "x", "app": "a1",
+                              "properties": {}}
 
 
 def test_an_option_before_the_verb_is_not_reset_by_the_subparser(
@@ -468,7 +312,6 @@ def test_the_socket_comes_from_the_environment(
 
 # -- output and exit codes -----------------------------------------------------------------
 
-
 def test_tracking_success_prints_ok(cli: Run, agent: FakeAgent) -> None:
     assert cli("track", "x") == (0, "ok\n", "")
 
@@ -477,20 +320,16 @@ def test_json_prints_the_raw_reply(cli: Run, agent: FakeAgent) -> None:
     agent.responder = ok({"flushed": 3, "remaining": 0})
     code, out, _ = cli("flush", "--wait", "--json")
     assert code == 0
-    assert json.loads(out) == {
-        "ok": True,
-        "request_id": None,
-        "result": {"flushed": 3, "remaining": 0},
-    }
+    assert json.loads(out) == {"ok": True, "request_id": None,
+                               "result": {"flushed": 3, "remaining": 0}}
 
 
 def test_rejection_exits_1_with_one_line_on_stderr(cli: Run, agent: FakeAgent) -> None:
     agent.responder = rejected("invalid_command", "invalid command: name: too long\nsecond")
     code, out, err = cli("track", "x")
     assert (code, out) == (1, "")
-    assert err == (
-        "engagement-agent: rejected (invalid_command): invalid command: name: too long second\n"
-    )
+    assert err == ("engagement-agent: rejected (invalid_command): "
+                   "invalid command: name: too long second\n")
 
 
 def test_rejection_with_json_prints_the_reply_on_stdout(cli: Run, agent: FakeAgent) -> None:
@@ -511,10 +350,8 @@ def test_missing_socket_exits_69_with_a_hint(cli: Run, short_dir: Path) -> None:
     missing = short_dir / "nope.sock"
     code, out, err = cli("status", "--socket", str(missing), socket=False)
     assert (code, out) == (69, "")
-    assert err == (
-        f"engagement-agent: cannot reach the agent at {missing}: No such file or "
-        "directory (is it running? systemctl status engagement-agent)\n"
-    )
+    assert err == (f"engagement-agent: cannot reach the agent at {missing}: No such file or "
+                   "directory (is it running? systemctl status engagement-agent)\n")
 
 
 def test_refused_socket_exits_69(cli: Run, short_dir: Path) -> None:
@@ -575,21 +412,12 @@ def test_status_survives_a_sparse_reply(cli: Run, agent: FakeAgent) -> None:
 
 
 def test_customer_and_flush_output(cli: Run, agent: FakeAgent) -> None:
-    agent.responder = ok(
-        {
-            "app": "kiosk-ui",
-            "project_token": "tok-1",
-            "ids": {"cookie": "c0ffee", "registered": "jane@example.com"},
-        }
-    )
+    agent.responder = ok({"app": "kiosk-ui", "project_token": "tok-1",
+                          "ids": {"cookie": "c0ffee", "registered": "jane@example.com"}})
     code, out, _ = cli("customer", "--app", "kiosk-ui")
     assert code == 0
-    assert out.splitlines() == [
-        "app:        kiosk-ui",
-        "project:    tok-1",
-        "cookie:     c0ffee",
-        "registered: jane@example.com",
-    ]
+    assert out.splitlines() == ["app:        kiosk-ui", "project:    tok-1",
+                                "cookie:     c0ffee", "registered: jane@example.com"]
     agent.responder = ok({"flushed": 7, "remaining": 2})
     assert cli("flush", "--wait")[1] == "sent 7 items; 2 remaining\n"
 
@@ -602,15 +430,11 @@ def test_unreadable_reply_exits_69(cli: Run, agent: FakeAgent) -> None:
 
 # -- check-config --------------------------------------------------------------------------
 
-
 def test_check_config_ok(cli: Run, short_dir: Path) -> None:
     config = short_dir / "agent.toml"
     config.write_text('device_id = "kiosk-1"\n')
     assert cli("check-config", "--config", str(config), socket=False) == (
-        0,
-        f"configuration OK: {config}\n",
-        "",
-    )
+        0, f"configuration OK: {config}\n", "")
     code, out, _ = cli("check-config", "--config", str(config), "--json", socket=False)
     assert (code, json.loads(out)) == (0, {"ok": True, "source": str(config)})
 
@@ -640,7 +464,6 @@ def test_check_config_missing_file(cli: Run, short_dir: Path) -> None:
 
 # -- as a process --------------------------------------------------------------------------
 
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENGAGEMENT_AGENT_")}
     env["PYTHONPATH"] = str(REPO)
@@ -656,18 +479,12 @@ def test_as_a_process_exit_codes_and_no_heavy_imports(agent: FakeAgent) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-c", code, "track", "x", "--socket", str(agent.path)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=30,
+        capture_output=True, text=True, env=_env(), timeout=30,
     )
     assert (done.returncode, done.stdout) == (0, "ok\n")
     assert done.stderr.strip() == "[]"
     done = subprocess.run(
         [sys.executable, "-m", "agent.cli", "track"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=30,
+        capture_output=True, text=True, env=_env(), timeout=30,
     )
     assert done.returncode == 64 and done.stderr.count("\n") == 1

@@ -38,15 +38,12 @@ class _Pipe(io.StringIO):
 
 # -- live ----------------------------------------------------------------------------------
 
-
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
         (["list"], {"command": "queue_list"}),
-        (
-            ["list", "--limit", "2", "--after", "5"],
-            {"command": "queue_list", "limit": 2, "after_id": 5},
-        ),
+        (["list", "--limit", "2", "--after", "5"], {"command": "queue_list", "limit": 2,
+                                                    "after_id": 5}),
         (["show", "3"], {"command": "queue_show", "id": 3}),
         (["dead-letters", "--limit", "10"], {"command": "queue_dead_letters", "limit": 10}),
         (["retry-dead"], {"command": "queue_retry_dead"}),
@@ -90,32 +87,21 @@ def test_live_show_prints_the_payload(cli: Run, agent: FakeAgent) -> None:
 
 
 def test_live_show_of_a_missing_item_exits_1(cli: Run, agent: FakeAgent) -> None:
-    agent.responder = lambda r: {
-        "ok": False,
-        "request_id": None,
-        "error": {"code": "invalid_command", "message": "no queued item with id 99"},
-    }
+    agent.responder = lambda r: {"ok": False, "request_id": None, "error": {
+        "code": "invalid_command", "message": "no queued item with id 99"}}
     code, _, err = cli("queue", "show", "99")
     assert code == 1 and err == (
-        "engagement-agent: rejected (invalid_command): no queued item with id 99\n"
-    )
+        "engagement-agent: rejected (invalid_command): no queued item with id 99\n")
 
 
 def test_live_admin_refusal_exits_1(cli: Run, agent: FakeAgent) -> None:
-    agent.responder = lambda r: {
-        "ok": False,
-        "request_id": None,
-        "error": {
-            "code": "forbidden",
-            "message": "queue maintenance needs root or the agent's own user",
-        },
-    }
+    agent.responder = lambda r: {"ok": False, "request_id": None, "error": {
+        "code": "forbidden", "message": "queue maintenance needs root or the agent's own user"}}
     code, _, err = cli("queue", "list")
     assert code == 1 and "forbidden" in err
 
 
 # -- purge confirmation ----------------------------------------------------------------------
-
 
 def test_purge_without_a_terminal_needs_yes(
     cli: Run, agent: FakeAgent, monkeypatch: pytest.MonkeyPatch
@@ -153,15 +139,9 @@ PROJECT = Project("tok-1", "secret")
 
 
 def _event(name: str) -> OutboundItem:
-    payload = {
-        "name": "customers/events",
-        "data": {
-            "customer_ids": {"cookie": "c"},
-            "event_type": name,
-            "timestamp": 1714564800.0,
-            "properties": {},
-        },
-    }
+    payload = {"name": "customers/events",
+               "data": {"customer_ids": {"cookie": "c"}, "event_type": name,
+                        "timestamp": 1714564800.0, "properties": {}}}
     return OutboundItem(PROJECT, "track_event", payload)
 
 
@@ -206,8 +186,7 @@ def test_offline_show(cli: Run, offline: tuple[Path, Store]) -> None:
     assert json.loads(out.split("payload:\n", 1)[1])["data"]["event_type"] == "b"
     code, _, err = cli("queue", "show", "99", "--config", str(config), socket=False)
     assert code == 1 and err.splitlines()[-1] == (
-        "engagement-agent: rejected (invalid_command): no queued item with id 99"
-    )
+        "engagement-agent: rejected (invalid_command): no queued item with id 99")
 
 
 def test_offline_dead_letters_retry_and_purge(cli: Run, offline: tuple[Path, Store]) -> None:
@@ -216,13 +195,9 @@ def test_offline_dead_letters_retry_and_purge(cli: Run, offline: tuple[Path, Sto
     code, out, _ = cli("queue", "dead-letters", *args, socket=False)
     assert code == 0 and "invalid event" in out
     assert cli("queue", "retry-dead", *args, socket=False)[:2] == (
-        0,
-        "moved 1 dead letters back to the queue\n",
-    )
+        0, "moved 1 dead letters back to the queue\n")
     assert cli("queue", "purge", "--yes", *args, socket=False)[:2] == (
-        0,
-        "deleted 3 queued items\n",
-    )
+        0, "deleted 3 queued items\n")
     assert cli("queue", "list", *args, socket=False)[1] == "no queued items\n"
     store.open()
     try:
@@ -231,7 +206,9 @@ def test_offline_dead_letters_retry_and_purge(cli: Run, offline: tuple[Path, Sto
         store.close()
 
 
-def test_offline_while_the_agent_holds_the_database(cli: Run, offline: tuple[Path, Store]) -> None:
+def test_offline_while_the_agent_holds_the_database(
+    cli: Run, offline: tuple[Path, Store]
+) -> None:
     config, store = offline
     store.open()  # stands in for a running agent whose socket is gone
     try:
@@ -245,9 +222,8 @@ def test_offline_while_the_agent_holds_the_database(cli: Run, offline: tuple[Pat
 
 def test_offline_without_a_database(cli: Run, short_dir: Path) -> None:
     config = short_dir / "agent.toml"
-    config.write_text(
-        f'[socket]\npath = "{short_dir}/stopped.sock"\n[queue]\npath = "{short_dir}/none.db"\n'
-    )
+    config.write_text(f'[socket]\npath = "{short_dir}/stopped.sock"\n'
+                      f'[queue]\npath = "{short_dir}/none.db"\n')
     code, _, err = cli("queue", "list", "--config", str(config), socket=False)
     assert code == 69
     assert "no queue database at" in err and err.count("\n") == 1

@@ -24,6 +24,7 @@ agent = test_cli.agent
 short_dir = test_cli.short_dir
 
 
+
 def _send(
     sock: Path, data: bytes, *extra: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[bytes]:
@@ -31,10 +32,7 @@ def _send(
     env["PYTHONPATH"] = str(REPO)
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", "send", "--socket", str(sock), *extra],
-        input=data,
-        capture_output=True,
-        env=env,
-        timeout=timeout,
+        input=data, capture_output=True, env=env, timeout=timeout,
     )
 
 
@@ -82,11 +80,8 @@ def test_a_large_input_streams_without_deadlock(agent: FakeAgent) -> None:
     count = 30_000
     padding = "x" * 200
     data = b"".join(
-        json.dumps(
-            {"command": "track_event", "name": "bulk", "properties": {"p": padding}}
-        ).encode()
-        + b"\n"
-        for _ in range(count)
+        json.dumps({"command": "track_event", "name": "bulk", "properties": {"p": padding}})
+        .encode() + b"\n" for _ in range(count)
     )
     done = _send(agent.path, data)
     assert done.returncode == 0, done.stderr
@@ -114,15 +109,13 @@ def test_requests_are_pipelined(short_dir: Path) -> None:
             got = [lines.readline() for _ in range(3)]
             for line in got:
                 rid = json.loads(line)["request_id"]
-                conn.sendall(
-                    json.dumps({"ok": True, "request_id": rid, "result": {}}).encode() + b"\n"
-                )
+                conn.sendall(json.dumps({"ok": True, "request_id": rid, "result": {}}).encode()
+                             + b"\n")
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        done = _send(
-            path, _line("a", "1") + _line("b", "2") + _line("c", "3"), "--timeout", "5", timeout=20
-        )
+        done = _send(path, _line("a", "1") + _line("b", "2") + _line("c", "3"),
+                     "--timeout", "5", timeout=20)
     finally:
         server.close()
     assert done.returncode == 0, done.stderr
@@ -133,20 +126,9 @@ def test_interactive_use_sees_each_reply_before_the_next_line(agent: FakeAgent) 
     """A slow producer (a person, a script) longer than --timeout is not an agent timeout."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "send",
-            "--socket",
-            str(agent.path),
-            "--timeout",
-            "0.3",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
+        [sys.executable, "-m", "agent.cli", "send", "--socket", str(agent.path),
+         "--timeout", "0.3"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:
