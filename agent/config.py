@@ -351,6 +351,16 @@ class LimitsConfig(_Section):
     max_command_bytes: Annotated[int, Field(ge=1024)] = 65536
 
 
+class ClockConfig(_Section):
+    """Holding and correcting items stamped by a clock that is not synchronized
+    (docs/tracking.md, "Timestamps on devices without a real-time clock")."""
+
+    hold_unsynced: bool = True
+    max_hold: Annotated[float, Field(ge=0, le=7 * 24 * 3600.0)] = 6 * 3600.0
+    min_correction: Annotated[float, Field(ge=0.5, le=24 * 3600.0)] = 5.0
+    max_skew: Annotated[float, Field(ge=1.0)] = 120.0
+
+
 class AgentConfig(_Section):
     device_id: Annotated[str, Field(pattern=r"^[^#+/\s]+$", max_length=128)] = Field(
         default_factory=lambda: socket.gethostname() or "localhost"
@@ -367,6 +377,7 @@ class AgentConfig(_Section):
     mqtt: MqttConfig = MqttConfig()
     socket: SocketConfig = SocketConfig()
     limits: LimitsConfig = LimitsConfig()
+    clock: ClockConfig = ClockConfig()
 
     @field_validator("device_uuid")
     @classmethod

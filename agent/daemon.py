@@ -33,6 +33,7 @@ from agent.queries import QueryRunner
 from agent.status import ConfigState, build_status, status_line
 from agent.store import Store, StoreError
 from agent.sync import Syncer
+from agent.timekeeper import Timekeeper, settings_of
 
 log = logging.getLogger("engagement_agent.daemon")
 
@@ -81,6 +82,7 @@ class Daemon:
         # Assigned in run(), once the parts they need exist.
         self.engine: Engine
         self.runner: Runner
+        self.clock: Timekeeper
         self.syncer: Syncer
         self.queries: QueryRunner
         self.dispatcher: Dispatcher
@@ -105,10 +107,13 @@ class Daemon:
     async def _serve(self) -> int:
         device_uuid = self.config.device_uuid or await self._device_uuid()
         device = read_device_info(device_uuid, self.config.device_type, __version__)
-        self.engine = Engine(self.store, self.config, device)
+        self.clock = Timekeeper(self.store, settings_of(self.config.clock))
+        self.clock.load()
+        self.engine = Engine(self.store, self.config, device, clock=self.clock)
         self.engine.load()
-        self.syncer = Syncer(self.store, self.config)
+        self.syncer = Syncer(self.store, self.config, clock=self.clock)
         self.store.on_enqueued = self.syncer.notify
+        self.clock.on_settled(self.syncer.clock_changed)
         self.runner = Runner(self.engine, self._loop, self._publish_status)
         self.queries = QueryRunner(self.status, self.syncer, self.store)
         self.dispatcher = Dispatcher(self.config, self.runner, self.queries)
@@ -128,6 +133,7 @@ class Daemon:
             log.error("cannot listen on %s: %s", self.config.socket.path, exc)
             return 1
         self.syncer.start()
+        self.clock.start()
         self.runner.arm_pending_timers()
         self._start_mqtt()
         self._install_signals()
@@ -208,6 +214,7 @@ class Daemon:
         await self.server.close()
         self.queries.close()
         await self._loop.run_in_executor(self._control, self.syncer.stop, SHUTDOWN_FLUSH_SECONDS)
+        await self._loop.run_in_executor(self._control, self.clock.stop)
         self._control.shutdown(wait=False)
         log.info("stopped")
 
@@ -238,6 +245,7 @@ class Daemon:
         self.engine.reload(config)
         self.dispatcher.reload(config)
         self.syncer.reload(config)
+        self.clock.reload(settings_of(config.clock))
         if self.mqtt is not None:
             self.mqtt.reload(config)
         elif config.mqtt.enabled:
@@ -283,6 +291,7 @@ class Daemon:
             queue=self.store.stats(),
             recovered=self.store.recovered,
             sync=self.syncer.status(),
+            clock=self.clock.status(),
             mqtt=mqtt,
             config=ConfigState(
                 str(self.config_path) if self.config_path else None,

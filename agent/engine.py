@@ -17,10 +17,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import device as device_files
 from agent import tracker
+from agent.clock import boot_monotonic
 from agent.commands import GetCustomer
 from agent.config import AgentConfig
 from agent.dispatch import Accepted, Result
@@ -28,6 +29,9 @@ from agent.errors import Unavailable, UnknownApp
 from agent.logs import escape
 from agent.store import Store, Txn
 from agent.tracker.model import AppSettings, AppState, Context, DeviceInfo, Outcome
+
+if TYPE_CHECKING:
+    from agent.timekeeper import Timekeeper
 
 log = logging.getLogger("engagement_agent.engine")
 
@@ -45,10 +49,14 @@ class Engine:
         *,
         new_uuid: Callable[[], str] = _new_uuid,
         boot_id: str | None = None,
+        clock: Timekeeper | None = None,
     ) -> None:
         self._store = store
         self._device = device
         self._new_uuid = new_uuid
+        self._clock = clock
+        if clock is not None:
+            boot_id = clock.boot_id
         self._boot_id = boot_id if boot_id is not None else device_files.boot_id()
         # The config and the settings derived from it travel together: a reload swaps both in
         # one assignment, so the writer can never cache old settings under a new config.
@@ -70,18 +78,15 @@ class Engine:
         """Committed states (a snapshot copy, safe to read from any thread)."""
         return dict(self._states)
 
-    def track(self, app: str, command: Any, now: float) -> concurrent.futures.Future[Outcome]:
-        return self._store.submit(self._track_op(app, command, now))
-
     def track_many(
         self,
         commands: Sequence[tuple[str, Any, float]],
         on_done: Callable[[list[Outcome | BaseException]], object],
     ) -> None:
-        """Track (app, command, accept time) triples in order, each exactly like `track()`
-        (its own all-or-nothing op), with one callback for all of them instead of a future
-        each. `on_done(results)` runs on the writer thread once every command is committed or
-        failed: `results[i]` is command i's `Outcome` or the exception that refused it."""
+        """Track (app, command, accept time) triples in order, each its own all-or-nothing op,
+        with one callback for all of them instead of a future each. `on_done(results)` runs on
+        the writer thread once every command is committed or failed: `results[i]` is command
+        i's `Outcome` or the exception that refused it."""
         self._store.submit_group(
             [self._track_op(app, command, now) for app, command, now in commands], on_done
         )
@@ -147,8 +152,14 @@ class Engine:
             # make the agent remember is bounded (docs/configuration.md, apps.max_apps).
             raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
         outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
-        # The monotonic time is taken as the op runs, milliseconds after the accept time `now`.
-        txn.enqueue(outcome.items, now, app=app, boot_id=self._boot_id, mono=time.monotonic())
+        if self._clock is not None:
+            # Held while the true time is unknown (docs/tracking.md); the monotonic time is
+            # the moment of `now` on the boot's clock.
+            boot_id: str | None
+            boot_id, mono, held = self._clock.stamp(now)
+        else:
+            boot_id, mono, held = self._boot_id, boot_monotonic(), False
+        txn.enqueue(outcome.items, now, app=app, boot_id=boot_id, mono=mono, held=held)
         if outcome.state != (state or AppState()):
             txn.save_app_state(app, outcome.state)
             self._pending[app] = outcome.state

@@ -33,6 +33,7 @@ def build_status(
     queue: QueueStats,
     recovered: Sequence[Mapping[str, Any]],
     sync: Mapping[str, Any],
+    clock: Mapping[str, Any],
     mqtt: Mapping[str, Any],
     config: ConfigState,
     apps: Mapping[str, AppState],
@@ -54,6 +55,7 @@ def build_status(
             "recovered": [dict(entry) for entry in recovered],
         },
         "sync": dict(sync),
+        "clock": dict(clock),
         "mqtt": dict(mqtt),
         "commands": {transport: dict(counts) for transport, counts in commands.items()},
         "config": {

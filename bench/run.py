@@ -270,8 +270,8 @@ def benches(quick: bool, million: bool) -> list[Bench]:
     result += [
         Bench("socket", "bench_socket.py", socket_args, json_rows),
         Bench("daemon", "bench_daemon.py", daemon_args, json_rows),
-        Bench("flash", "bench_flash.py", flash_args, flash_rows),
         Bench("hostile", "bench_hostile.py", ["--quick"] if quick else [], json_rows),
+        Bench("flash", "bench_flash.py", flash_args, flash_rows),
     ]
     return result
 

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from agent.clock import Releasable
 from agent.config import QueueConfig
 from agent.errors import AgentError, Unavailable
 from agent.store import files, schema
@@ -769,14 +770,35 @@ class Store:
         row = self.reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def read_batch(self, project_id: int, limit: int, after_id: int = 0) -> list[QueuedItem]:
-        """Oldest first: the project's next `limit` items with id > after_id that are not held.
+    def read_batch(
+        self,
+        project_id: int,
+        limit: int,
+        after_id: int = 0,
+        release: Releasable | None = None,
+    ) -> list[QueuedItem]:
+        """Oldest first: the project's next `limit` items with id > after_id that are not held,
+        or held but released by `release` (the clock's rule, `agent.clock.Releasable`: the
+        release rewrites no row, so the stored bytes and the byte accounting never change).
 
         The outbox has no per-project index (it would cost a page written per command): the
         committed counters say whether the project has anything to send at all, and from which
         id on, so a project with nothing sendable costs no read and a scan starts near its
-        first item rather than at the head of the whole queue.
+        first item rather than at the head of the whole queue. Released held items have no
+        such bound: while some are queued, the scan starts at `after_id`.
         """
+        if release is not None and self._published.held and not release.only_unheld:
+            where, params = _released_sql(release)
+            rows = (
+                self.reader()
+                .execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id > ? AND project_id = ? "
+                    f"AND (held = 0 OR {where}) ORDER BY id LIMIT ?",
+                    (after_id, project_id, *params, limit),
+                )
+                .fetchall()
+            )
+            return [_item(row) for row in rows]
         entry = self._published.sendable.get(project_id)
         if entry is None:
             return []
@@ -791,6 +813,37 @@ class Store:
             .fetchall()
         )
         return [_item(row) for row in rows]
+
+    def held_waiting(self, release: Releasable) -> int:
+        """How many held items `release` does not release yet (status: `clock.held`)."""
+        if not self._published.held or release.everything:
+            return 0
+        if release.only_unheld:
+            return self._published.held
+        where, params = _released_sql(release)
+        (count,) = (
+            self.reader()
+            .execute(
+                f"SELECT count(*) FROM outbox WHERE held != 0 AND NOT coalesce({where}, 0)",
+                params,
+            )
+            .fetchone()
+        )
+        return int(count)
+
+    def has_held(self, project_id: int, boot_id: str) -> bool:
+        """Does the project hold items accepted in this boot (they wait for its true time)?"""
+        if not self._published.held:
+            return False
+        row = (
+            self.reader()
+            .execute(
+                "SELECT 1 FROM outbox WHERE held != 0 AND project_id = ? AND boot_id = ? LIMIT 1",
+                (project_id, boot_id),
+            )
+            .fetchone()
+        )
+        return row is not None
 
     def list_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
         """Queued items with their payloads, oldest first (held ones included)."""
@@ -865,6 +918,22 @@ class Store:
             .fetchall()
         )
         return [DeadLetterEntry(*row) for row in rows]
+
+
+def _released_sql(release: Releasable) -> tuple[str, tuple[Any, ...]]:
+    """The SQL condition (and its parameters) under which a held row is released."""
+    if release.everything:
+        return "1", ()
+    boots = release.boots
+    marks = ", ".join("?" * len(boots))
+    clauses = [f"(boot_id IN ({marks}) AND accepted_mono IS NOT NULL)"] if boots else []
+    clauses.append("(boot_id = ? AND accepted_mono <= ?)")
+    params: list[Any] = [*boots, release.current_boot, release.current_until]
+    if release.earlier_boots:
+        # Rows without a boot id or monotonic time cannot be corrected: like an earlier boot's.
+        clauses.append("(boot_id IS NULL OR boot_id != ? OR accepted_mono IS NULL)")
+        params.append(release.current_boot)
+    return " OR ".join(clauses), tuple(params)
 
 
 def _item(row: tuple[Any, ...]) -> QueuedItem:
