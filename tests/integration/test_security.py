@@ -18,9 +18,13 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.config import AgentConfig
+from agent.mqtt.topics import client_id_for
 from agent_devtools.apistub import ApiStub, Match
 from tests.fixtures.daemon import AgentProcess, SocketClient, deep_merge, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.shipped_broker import PASSWORD as SHIPPED_PASSWORD
+from tests.fixtures.shipped_broker import running_broker
 from tests.integration.test_mqtt_e2e import Subscriber
 from tests.unit.test_store_v2 import SECRETS as V1_SECRETS
 from tests.unit.test_store_v2 import make_v1
@@ -585,3 +589,58 @@ def test_one_app_cannot_grow_its_ids_to_push_out_the_others(
         r.data for r in api.received("proj-a") if str(r.data.get("event_type")).startswith("sale-")
     ]
     assert len([s for s in sales if s["customer_ids"].get("registered") == "a@b.c"]) == 20
+
+
+# ------------------------------------------------------------------ the agent's MQTT session
+
+
+def account(broker: MosquittoBroker, user: str, client_id: str = "") -> mqtt.Client:
+    """A connected MQTT 5 client with an account of the shipped broker config."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
+    client.username_pw_set(user, SHIPPED_PASSWORD)
+    connected: list[Any] = []
+    client.on_connect = lambda _c, _u, _f, rc, _p: connected.append(rc)
+    client.connect("127.0.0.1", broker.port, clean_start=True)
+    client.loop_start()
+    wait_for(lambda: connected, 15, f"CONNACK for {user}")
+    assert not connected[0].is_failure, connected
+    return client
+
+
+def test_an_app_account_cannot_take_over_the_agents_session(
+    make_agent: Any, tmp_path: Path, api: ApiStub
+) -> None:
+    """A broker keeps a session per client id, and a client may ask for any id: an app's
+    account connecting with the agent's id would kick the agent off and, starting clean,
+    discard the commands the broker kept for it while it was away (other apps' commands the
+    broker had acknowledged). The shipped broker config makes every client's id its account's
+    user name, so an app cannot take the agent's session."""
+    device = "takeover"
+    with running_broker(tmp_path, ("_agent", "pos", "kiosk-ui")) as shipped:
+        mqtt_config = {"port": shipped.port, "password": SHIPPED_PASSWORD}
+        config = kiosk_config(api, shipped, device_id=device, mqtt=mqtt_config)
+        agent: AgentProcess = start(make_agent(config))
+        client_id = client_id_for(AgentConfig.model_validate(agent.config))
+        assert agent.terminate() == 0  # its session, with its subscription, stays on the broker
+
+        pos = account(shipped, "pos")
+        command = {"command": "track_event", "name": "while-away", "app": "pos"}
+        pos.publish(topic("pos", "command", device), json.dumps(command), qos=1).wait_for_publish(
+            15
+        )
+        pos.loop_stop()
+        pos.disconnect()
+        thief = account(shipped, "kiosk-ui", client_id=client_id)  # clean start
+        thief.loop_stop()
+        thief.disconnect()
+
+        start(agent)
+        ok(agent, {"command": "flush", "wait": True})
+
+        def arrived() -> bool:
+            ok(agent, {"command": "flush", "wait": True})
+            return any(r.data.get("event_type") == "while-away" for r in api.received("proj-a"))
+
+        wait_for(arrived, 30, "the command pos published while the agent was away")
