@@ -310,6 +310,21 @@ class MqttAdapter:
                     [{"field": "(command)", "reason": "retained"}],
                 ),
             )
+        response_topic = inbound.response_topic
+        if response_topic is not None and not inbound.link.topics.response_allowed(
+            inbound.app, response_topic
+        ):
+            inbound.response_topic = inbound.correlation_data = None  # never published to
+            prefix = f"{inbound.link.topics.prefix}/{inbound.link.topics.device_id}"
+            return self._refuse(
+                inbound,
+                InvalidCommand(
+                    f"invalid command: the response topic must be under "
+                    f"{prefix}/{inbound.app}/response/ (without wildcards), not "
+                    f"{response_topic[:200]!r}",
+                    [{"field": "(response topic)", "reason": "not one of the app's own topics"}],
+                ),
+            )
         return self._dispatcher.prepare(inbound.payload, inbound.origin)
 
     def _refuse(self, inbound: _Inbound, error: AgentError) -> Reply:

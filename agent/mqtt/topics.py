@@ -5,6 +5,7 @@ The layout is documented in docs/mqtt.md ("Topics"):
     <prefix>/<device_id>/<app>/command   commands for this device (and <prefix>/all/... for all)
     <prefix>/<device_id>/<app>/reply     replies that have a request_id, and query results
     <prefix>/<device_id>/<app>/error     every refused command
+    <prefix>/<device_id>/<app>/response/...   MQTT 5 responses, where the command asked
     <prefix>/<device_id>/status          retained status; the last will says offline
 """
 
@@ -40,6 +41,14 @@ class Topics:
 
     def reply(self, app: str) -> str:
         return f"{self.prefix}/{self.device_id}/{app}/reply"
+
+    def response_allowed(self, app: str, topic: str) -> bool:
+        """Whether an MQTT 5 Response Topic may be published to for a command of `app`: only
+        under `<prefix>/<device_id>/<app>/response/`, which the shipped ACL lets that app
+        alone read. The agent's account may write every app's replies and the device's status;
+        a command must not make it speak there (docs/security.md)."""
+        head = f"{self.prefix}/{self.device_id}/{app}/response/"
+        return len(topic) > len(head) and topic.startswith(head) and not set(topic) & set("+#")
 
     def app_of(self, topic: str) -> str | None:
         """The app segment of a topic matching one of `command_filters`, else None.

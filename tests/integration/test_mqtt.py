@@ -43,6 +43,7 @@ DEVICE = "dev1"
 CMD = f"engagement/{DEVICE}/kiosk/command"
 ERR = f"engagement/{DEVICE}/kiosk/error"
 REPLY = f"engagement/{DEVICE}/kiosk/reply"
+RESPONSES = f"engagement/{DEVICE}/kiosk/response/ui"  # an app's responses go under its topics
 STATUS = f"engagement/{DEVICE}/status"
 
 
@@ -387,22 +388,22 @@ def test_mqtt5_response_topic_gets_every_reply_with_correlation_data(
         backend = FakeBackend()
         adapter = await harness.start(backend)
         app = AppClient(mosquitto.port)
-        app.subscribe("app/responses/#")
+        app.subscribe(RESPONSES)
         app.subscribe(ERR)
         app.subscribe(REPLY)
 
         def request(payload: Any, correlation: bytes) -> None:
             properties = Properties(PacketTypes.PUBLISH)
-            properties.ResponseTopic = "app/responses/kiosk"
+            properties.ResponseTopic = RESPONSES
             properties.CorrelationData = correlation
             app.publish(CMD, payload, properties=properties)
 
         request(track("ok"), b"\x00corr-1")
         request(b"not json", b"corr-2")
-        await until(lambda: len(app.messages("app/responses/kiosk")) == 2, "two responses")
+        await until(lambda: len(app.messages(RESPONSES)) == 2, "two responses")
         by_correlation = {
             m.properties.CorrelationData: json.loads(m.payload)  # type: ignore[union-attr]
-            for m in app.messages("app/responses/kiosk")
+            for m in app.messages(RESPONSES)
         }
         assert by_correlation[b"\x00corr-1"]["ok"] is True
         assert by_correlation[b"corr-2"]["error"]["code"] == "invalid_json"

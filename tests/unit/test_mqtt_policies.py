@@ -43,6 +43,28 @@ def test_app_of_reads_only_our_command_topics(topic: str, app: str | None) -> No
     assert TOPICS.app_of(topic) == app
 
 
+@pytest.mark.parametrize(
+    ("topic", "allowed"),
+    [
+        ("site/a/dev1/kiosk/response/ui", True),
+        ("site/a/dev1/kiosk/response/ui/r-17", True),
+        ("site/a/dev1/kiosk/response/", False),  # nothing under it
+        ("site/a/dev1/kiosk/reply", False),
+        ("site/a/dev1/kiosk/error", False),
+        ("site/a/dev1/pos/response/ui", False),  # another app's
+        ("site/a/dev1/status", False),
+        ("site/a/dev2/kiosk/response/ui", False),  # another device's
+        ("site/a/all/kiosk/response/ui", False),
+        ("site/a/dev1/kiosk/response/+", False),
+        ("site/a/dev1/kiosk/response/#", False),
+        ("site/a/dev1/kiosk/responses", False),
+        ("app/responses/kiosk", False),
+    ],
+)
+def test_responses_go_only_under_the_apps_own_response_topics(topic: str, allowed: bool) -> None:
+    assert TOPICS.response_allowed("kiosk", topic) is allowed
+
+
 def test_stale_filters_are_the_old_ones_no_longer_used() -> None:
     new = Topics("site/b", "dev1")
     assert new.stale_filters(TOPICS) == ("site/a/all/+/command", "site/a/dev1/+/command")
