@@ -270,10 +270,9 @@ def fleet(
     n: int, workdir: Path, api_limit: RateLimit
 ) -> Iterator[tuple[MosquittoBroker, ApiProcess, list[Device]]]:
     with ExitStack() as stack:
-        broker = MosquittoBroker(workdir / "mosquitto", ["max_queued_messages 100000"])
-        broker.directory.mkdir(parents=True)
-        broker.start()
-        stack.callback(broker.stop)
+        broker = stack.enter_context(
+            MosquittoBroker(workdir / "mosquitto", ["max_queued_messages 100000"])
+        )
         api = ApiProcess(workdir, n, api_limit)
         api.start()
         stack.callback(api.stop)

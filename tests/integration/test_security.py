@@ -138,12 +138,8 @@ def start(agent: AgentProcess) -> AgentProcess:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     directory = tmp_path_factory.mktemp("mosquitto")
-    broker = MosquittoBroker(directory)
-    broker.start()
-    try:
+    with MosquittoBroker(directory) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(scope="module")
