@@ -15,21 +15,23 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent import __version__
-from agent.cli.client import Connection, send_stream
 from agent.cli.context import (
-    DEFAULT_TIMEOUT,
     EX_CONFIG,
     EX_OK,
     EX_REJECTED,
+    EX_UNAVAILABLE,
     EX_USAGE,
     PROG,
     CliError,
     Options,
+    error_line,
+    exit_code,
     write_json,
     write_line,
 )
 from agent.cli.queue import queue_verbs, run_queue_verb
 from agent.cli.verbs import add_verbs, command_verbs
+from agent.client import DEFAULT_TIMEOUT, AgentUnavailable, Client, stream_requests
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -218,8 +220,8 @@ def _reload(ns: argparse.Namespace) -> int:
 
     options = Options.from_namespace(ns)
     options.load_config()  # a bad file: exit 78 before the agent is disturbed
-    timeout = options.timeout_for(60.0)
-    with Connection(options.socket_path(), DEFAULT_TIMEOUT) as conn:
+    timeout = options.timeout if options.timeout is not None else 60.0
+    with Client(options.socket_path(), timeout=DEFAULT_TIMEOUT) as conn:
         before = _config_state(conn)
         pid = ns.pid if ns.pid is not None else conn.peer_pid()
         try:
@@ -237,10 +239,10 @@ def _reload(ns: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _config_state(conn: Connection) -> dict[str, Any]:
+def _config_state(conn: Client) -> dict[str, Any]:
     reply = conn.request({"command": "status"})
     if not reply.ok:
-        raise CliError(reply.error_line(), reply.exit_code())
+        raise CliError(error_line(reply.error), exit_code(reply))
     state: dict[str, Any] = dict(reply.result.get("config") or {})
     if "generation" not in state:
         raise CliError("the agent is too old to report reloads; use systemctl restart", 69)
@@ -248,9 +250,20 @@ def _config_state(conn: Connection) -> dict[str, Any]:
 
 
 def _send(ns: argparse.Namespace) -> int:
+    """Every reply line as the agent wrote it; output is flushed whenever the replies have
+    caught up with the input, so an interactive session sees each answer at once while a bulk
+    load is not slowed down by a flush per line."""
     options = Options.from_namespace(ns)
-    with Connection(options.socket_path(), options.timeout_for(DEFAULT_TIMEOUT)) as conn:
-        replies, rejected = send_stream(conn, sys.stdin.buffer, sys.stdout.buffer)
+    sink = sys.stdout.buffer
+    replies = rejected = 0
+    with options.client(DEFAULT_TIMEOUT) as client:
+        for reply, caught_up in client.exchange(stream_requests(sys.stdin.buffer)):
+            replies += 1
+            rejected += not reply.ok
+            sink.write(reply.raw.encode() + b"\n")
+            if caught_up:
+                sink.flush()
+    sink.flush()
     if rejected:
         raise CliError(f"{rejected} of {replies} commands were rejected", EX_REJECTED)
     return EX_OK
@@ -270,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(exc.message.split("\n"))
         sys.stderr.write(f"{PROG}: {message}\n")
         return exc.exit_code
+    except AgentUnavailable as exc:
+        sys.stderr.write(f"{PROG}: {exc.message}\n")
+        return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`: the reader went away; say nothing more

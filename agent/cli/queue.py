@@ -14,9 +14,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.client import AgentUnreachable, Connection, Reply
 from agent.cli.context import (
-    DEFAULT_TIMEOUT,
     EX_REJECTED,
     EX_UNAVAILABLE,
     EX_USAGE,
@@ -26,6 +24,7 @@ from agent.cli.context import (
     write_line,
 )
 from agent.cli.verbs import Arg, Verb, build_command, show_reply
+from agent.client import DEFAULT_TIMEOUT, AgentUnavailable, Reply
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -145,9 +144,9 @@ def run_queue_verb(verb: Verb, ns: argparse.Namespace) -> int:
     if command["command"] == "queue_purge" and not ns.v_yes:
         _confirm(command)
     try:
-        with Connection(options.socket_path(), options.timeout_for(DEFAULT_TIMEOUT)) as conn:
-            reply = conn.request(command)
-    except AgentUnreachable as exc:
+        with options.client(DEFAULT_TIMEOUT) as client:
+            reply = client.request(command)
+    except AgentUnavailable as exc:
         if not exc.offline:
             raise
         reply = run_offline(command, options.load_config(), exc)
@@ -169,7 +168,7 @@ def _hint_next_page(command: Mapping[str, Any], reply: Reply, options: Options) 
 
 
 def run_offline(
-    command: Mapping[str, Any], config: AgentConfig, unreachable: AgentUnreachable
+    command: Mapping[str, Any], config: AgentConfig, unreachable: AgentUnavailable
 ) -> Reply:
     """Run an admin command on the database file; the answer is shaped like the agent's."""
     from agent.commands import validate_command

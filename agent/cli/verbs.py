@@ -9,22 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from agent.cli.client import Connection, Reply
 from agent.cli.context import (
-    DEFAULT_TIMEOUT,
     EX_OK,
-    FLUSH_WAIT_TIMEOUT,
     PROG,
     CliError,
     Options,
+    error_line,
+    exit_code,
+    write_json,
     write_line,
 )
 from agent.cli.render import render
+from agent.client import DEFAULT_TIMEOUT, FLUSH_WAIT_TIMEOUT, Reply
 
 # -- argument types (argparse turns their ValueError/ArgumentTypeError into exit 64) -----------
 
@@ -323,22 +325,26 @@ def build_command(verb: Verb, ns: argparse.Namespace) -> dict[str, Any]:
 def run_verb(verb: Verb, ns: argparse.Namespace) -> int:
     options = Options.from_namespace(ns)
     command = build_command(verb, ns)
-    with Connection(options.socket_path(), options.timeout_for(verb.timeout(ns))) as conn:
-        reply = conn.request(command)
+    with options.client(verb.timeout(ns)) as client:
+        reply = client.request(command)
     return show_reply(command, reply, options.json)
 
 
 def show_reply(command: Mapping[str, Any], reply: Reply, as_json: bool) -> int:
     """Print a reply the way every single-command verb does; returns the exit code.
 
-    With `--json` a rejection is only in the printed reply (stdout): the caller asked for
-    machine-readable output and gets the error code and details there.
+    With `--json` stdout carries only the `result` (so `status --json | jq .queue.items`
+    works) and a rejection leaves stdout empty: the whole reply, with the error code and
+    details, goes to stderr, so a pipeline never mistakes an error for data.
     """
     if as_json:
-        write_line(reply.raw)
-        return reply.exit_code()
+        if reply.ok:
+            write_json(reply.data.get("result", {}))
+        else:
+            sys.stderr.write(reply.raw + "\n")
+        return exit_code(reply)
     if not reply.ok:
-        raise CliError(reply.error_line(), reply.exit_code())
+        raise CliError(error_line(reply.error), exit_code(reply))
     write_line(render(command, reply.result))
     return EX_OK
 

@@ -279,8 +279,7 @@ def test_global_options_work_before_and_after_the_verb(
         ["--json", "track", "x", "--socket", str(agent.path), "--app", "a1"],
     ):
         code, out, _ = cli(*argv, socket=False)
-        assert code == 0
-        assert json.loads(out)["ok"] is True
+        assert (code, json.loads(out)) == (0, {})
         assert agent.last == {"command": "track_event", "name": "x", "app": "a1",
                               "properties": {}}
 
@@ -288,8 +287,9 @@ def test_global_options_work_before_and_after_the_verb(
 def test_an_option_before_the_verb_is_not_reset_by_the_subparser(
     cli: Run, agent: FakeAgent, short_dir: Path
 ) -> None:
+    agent.responder = ok(STATUS)
     code, out, _ = cli("--socket", str(agent.path), "--json", "status", socket=False)
-    assert code == 0 and json.loads(out)["ok"] is True
+    assert code == 0 and json.loads(out)["queue"]["items"] == 12
 
 
 def test_the_socket_comes_from_the_config(cli: Run, agent: FakeAgent, short_dir: Path) -> None:
@@ -316,12 +316,27 @@ def test_tracking_success_prints_ok(cli: Run, agent: FakeAgent) -> None:
     assert cli("track", "x") == (0, "ok\n", "")
 
 
-def test_json_prints_the_raw_reply(cli: Run, agent: FakeAgent) -> None:
+def test_json_prints_the_result(cli: Run, agent: FakeAgent) -> None:
     agent.responder = ok({"flushed": 3, "remaining": 0})
-    code, out, _ = cli("flush", "--wait", "--json")
-    assert code == 0
-    assert json.loads(out) == {"ok": True, "request_id": None,
-                               "result": {"flushed": 3, "remaining": 0}}
+    code, out, err = cli("flush", "--wait", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"flushed": 3, "remaining": 0}
+
+
+def test_status_json_pipes_into_jq(agent: FakeAgent) -> None:
+    """What the docs promise: `engagement-agent status --json | jq .queue.items`."""
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.fail("jq is not installed (apt-get install jq)")
+    agent.responder = ok(STATUS)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "status", "--json", "--socket", str(agent.path)],
+        stdout=subprocess.PIPE, env=_env(),
+    )
+    done = subprocess.run([jq, ".queue.items"], stdin=cli.stdout, capture_output=True,
+                          text=True, timeout=30)
+    assert cli.wait(timeout=30) == 0
+    assert done.stdout == "12\n"
 
 
 def test_rejection_exits_1_with_one_line_on_stderr(cli: Run, agent: FakeAgent) -> None:
@@ -332,11 +347,21 @@ def test_rejection_exits_1_with_one_line_on_stderr(cli: Run, agent: FakeAgent) -
                    "invalid command: name: too long second\n")
 
 
-def test_rejection_with_json_prints_the_reply_on_stdout(cli: Run, agent: FakeAgent) -> None:
+def test_rejection_with_json_leaves_stdout_empty(cli: Run, agent: FakeAgent) -> None:
+    """A pipeline reading stdout never mistakes an error for data; stderr has the reply."""
     agent.responder = rejected("invalid_state", "no open session")
     code, out, err = cli("session", "end", "--json")
-    assert (code, err) == (1, "")
-    assert json.loads(out)["error"]["code"] == "invalid_state"
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1
+    assert json.loads(err) == {"ok": False, "request_id": None, "error": {
+        "code": "invalid_state", "message": "no open session"}}
+
+
+def test_unavailable_with_json_exits_69(cli: Run, agent: FakeAgent) -> None:
+    agent.responder = rejected("unavailable", "the agent is shutting down")
+    code, out, err = cli("status", "--json")
+    assert (code, out) == (69, "")
+    assert json.loads(err)["error"]["code"] == "unavailable"
 
 
 def test_unavailable_exits_69_so_scripts_retry(cli: Run, agent: FakeAgent) -> None:

@@ -173,10 +173,9 @@ def test_offline_list_and_json(cli: Run, offline: tuple[Path, Store]) -> None:
     assert err.startswith(NOTE) and err.count("\n") == 1
     assert [line.split()[0] for line in out.splitlines()] == ["ID", "2", "3"]
     code, out, _ = cli("queue", "list", "--json", "--config", str(config), socket=False)
-    reply = json.loads(out)
-    assert reply["ok"] is True
-    assert [item["id"] for item in reply["result"]["items"]] == [2, 3]
-    assert set(reply["result"]["items"][0]) >= {"id", "project_id", "created_at", "bytes"}
+    result = json.loads(out)
+    assert [item["id"] for item in result["items"]] == [2, 3]
+    assert set(result["items"][0]) >= {"id", "project_id", "created_at", "bytes"}
 
 
 def test_offline_show(cli: Run, offline: tuple[Path, Store]) -> None:
