@@ -429,7 +429,7 @@ class Client(_Commands[Json]):
         return self.call(command, timeout=timeout)
 
     # -- many commands --------------------------------------------------------------------------
-    def pipeline(self) -> Pipeline:
+    def pipeline(self, *, raise_on_error: bool = True) -> Pipeline:
         """Collect commands and send them together when the `with` block ends:
 
             with client.pipeline() as batch:
@@ -438,9 +438,9 @@ class Client(_Commands[Json]):
             batch.results   # one result per command, in order
 
         A rejected command raises `CommandError` after every command was answered (the others
-        were recorded); `Pipeline(client, raise_on_error=False)` keeps the errors in `results`.
+        were recorded); with `raise_on_error=False` the errors are kept in `results` instead.
         """
-        return Pipeline(self)
+        return Pipeline(self, raise_on_error=raise_on_error)
 
     def send_many(
         self, commands: Iterable[Mapping[str, Any]], *, raise_on_error: bool = True
