@@ -110,6 +110,14 @@ def error_line(error: Mapping[str, Any]) -> str:
     return f"rejected ({code}): {message}" if message else f"rejected ({code})"
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0 (its ValueError becomes a usage error, exit 64)."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
 def write_line(text: str) -> None:
     sys.stdout.write(text + "\n")
 

@@ -26,9 +26,11 @@ from agent.cli.context import (
     Options,
     error_line,
     exit_code,
+    positive_float,
     write_json,
     write_line,
 )
+from agent.cli.fleet import add_fleet
 from agent.cli.queue import queue_verbs, run_queue_verb
 from agent.cli.verbs import add_verbs, command_verbs
 from agent.client import DEFAULT_TIMEOUT, AgentUnavailable, Client, stream_requests
@@ -54,13 +56,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EX_USAGE, f"{self.prog}: {message} (see: {self.prog} --help)\n")
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
 
 
 def _global_options(*, socket: bool, json: bool = True) -> _Parser:
@@ -91,7 +86,7 @@ def _global_options(*, socket: bool, json: bool = True) -> _Parser:
     if socket:
         group.add_argument(
             "--timeout",
-            type=_positive_float,
+            type=positive_float,
             default=argparse.SUPPRESS,
             metavar="SECONDS",
             help=f"how long to wait for the agent (default {DEFAULT_TIMEOUT:g}; flush --wait 600)",
@@ -134,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_config)
 
     add_verbs(verbs, command_verbs(), common, _FORMATTER)
+    add_fleet(verbs, config_only, _FORMATTER)
 
     reload = verbs.add_parser(
         "reload",
