@@ -32,6 +32,7 @@ from agent.errors import Unavailable
 from agent.intake import Accepted, Intake, Origin, Reply
 from agent.ipc import SocketServer
 from agent.logs import set_level, setup_logging
+from agent.metrics import TextfileWriter
 from agent.notify import Notifier
 from agent.queue_admin import run_admin
 from agent.store import Store, StoreError
@@ -137,6 +138,8 @@ class Daemon:
         for app, delay, background_at in self.engine.pending_timers(time.time()):
             self._arm_timer(app, delay, background_at)
         self._start_mqtt()
+        metrics = TextfileWriter(self._loop, lambda: self.config.metrics, self.status)
+        metrics.start()
         self._install_signals()
         _tune_gc()
         self.notifier.ready()
@@ -152,6 +155,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             watchdog.cancel()
+            metrics.stop()
             await self._shutdown()
         return 0
 

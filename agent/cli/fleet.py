@@ -34,12 +34,11 @@ from agent.cli.context import (
     write_json,
 )
 from agent.cli.render import ago, duration
+from agent.metrics import sync_rank
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
 
-#: Worst first: the state a device's line shows is the worst of its projects.
-SYNC_SEVERITY = ("paused", "backoff", "unconfigured", "ok", "idle")
 #: A retained message arriving after this much silence is not part of the initial burst.
 QUIET_SECONDS = 0.5
 DEFAULT_TIMEOUT = 10.0
@@ -69,7 +68,7 @@ def _worst_sync(projects: Any) -> tuple[str | None, float | None]:
         if not isinstance(project, Mapping) or not isinstance(project.get("state"), str):
             continue
         state = project["state"]
-        rank = SYNC_SEVERITY.index(state) if state in SYNC_SEVERITY else 0
+        rank = sync_rank(state)
         last = _number(project.get("last_success"))
         ranked.append((rank, last if last is not None else float("-inf"), state, last))
     if not ranked:

@@ -131,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbs(verbs, command_verbs(), common, _FORMATTER)
     add_fleet(verbs, config_only, _FORMATTER)
 
+    metrics = verbs.add_parser(
+        "metrics",
+        parents=[_global_options(socket=True, json=False)],
+        formatter_class=_FORMATTER,
+        help="print the agent's status as Prometheus metrics",
+        description="Ask the agent for its status and print it in the Prometheus text format "
+        "(the same as metrics.textfile writes for node_exporter).",
+        epilog=f"examples:\n  {PROG} metrics\n"
+        f"  {PROG} metrics | grep engagement_agent_queue_items",
+    )
+    metrics.set_defaults(handler=_metrics)
+
     reload = verbs.add_parser(
         "reload",
         parents=[common],
@@ -243,6 +255,18 @@ def _config_state(conn: Client) -> dict[str, Any]:
     if "generation" not in state:
         raise CliError("the agent is too old to report reloads; use systemctl restart", 69)
     return state
+
+
+def _metrics(ns: argparse.Namespace) -> int:
+    from agent.metrics import render
+
+    options = Options.from_namespace(ns)
+    with options.client(DEFAULT_TIMEOUT) as client:
+        reply = client.request({"command": "status"})
+    if not reply.ok:
+        raise CliError(error_line(reply.error), exit_code(reply))
+    sys.stdout.buffer.write(render(reply.result))
+    return EX_OK
 
 
 def _send(ns: argparse.Namespace) -> int:
