@@ -291,9 +291,9 @@ def _send(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `engagement-agent` console script; returns the exit code instead of exiting."""
-    parser = build_parser()
     try:
-        ns = parser.parse_args(argv)
+        # Not kept in a variable: `run` lives in this frame for months, the parser need not.
+        ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else EX_USAGE
     try:
