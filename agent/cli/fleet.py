@@ -33,7 +33,7 @@ from agent.cli.context import (
     positive_float,
     write_json,
 )
-from agent.cli.render import ago, duration
+from agent.cli.render import ago, duration, table
 from agent.metrics import sync_rank
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def _cell(value: Any, show: Callable[[Any], str] = str) -> str:
     return "-" if value is None else show(value)
 
 
-def table(rows: Sequence[Row], now: float) -> str:
+def fleet_table(rows: Sequence[Row], now: float) -> str:
     headers = ["DEVICE", "ONLINE", "VERSION", "QUEUE", "OLDEST", "SYNC", "LAST SUCCESS", "CLOCK"]
     cells = [
         [
@@ -141,18 +141,12 @@ def table(rows: Sequence[Row], now: float) -> str:
             _cell(row["sync_state"]),
             "-" if row["sync_state"] is None else ago(row["last_success"], now),
             _cell(row["clock_synchronized"], lambda ok: "synced" if ok else "UNSYNCED"),
+            f"({row['error']})" if "error" in row else "",
         ]
         for row in rows
     ]
-    widths = [max(len(r[i]) for r in [headers, *cells]) for i in range(len(headers))]
-    notes = [""] + [f"  ({row['error']})" if "error" in row else "" for row in rows]
-    text = [
-        "  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip() + note
-        for r, note in zip([headers, *cells], notes, strict=True)
-    ]
     offline = sum(1 for row in rows if row["online"] is False)
-    text.append(f"{len(rows)} devices, {offline} offline")
-    return "\n".join(text)
+    return table([*headers, ""], cells) + f"\n{len(rows)} devices, {offline} offline"
 
 
 # -- the broker -------------------------------------------------------------------------------
@@ -335,7 +329,7 @@ def _show(rows: list[Row], as_json: bool, clear: bool) -> None:
     else:
         if clear:
             sys.stdout.write("\x1b[H\x1b[2J")
-        body = table(rows, time.time()) if rows else "no devices found"
+        body = fleet_table(rows, time.time()) if rows else "no devices found"
         sys.stdout.write(body + "\n")
     sys.stdout.flush()
 

@@ -101,13 +101,19 @@ def queue_verbs() -> tuple[Verb, ...]:
         Verb(
             "purge",
             "queue_purge",
-            "delete every queued item (or, with --dead, every dead letter) for good",
-            f"  {p} purge            # asks first\n  {p} purge --dead --yes",
+            "delete every queued item (or one project's, or every dead letter) for good",
+            f"  {p} purge            # asks first\n  {p} purge --dead --yes\n"
+            f"  {p} purge --project 0b7e…   # a project removed from the config",
             (
                 Arg(
                     ("--dead",),
                     "dead",
                     {"action": "store_true", "help": "purge the dead letters instead"},
+                ),
+                Arg(
+                    ("--project",),
+                    "project_token",
+                    {"metavar": "TOKEN", "help": "only the queued items of this project token"},
                 ),
                 Arg(
                     ("--yes",),
@@ -123,10 +129,19 @@ def queue_verbs() -> tuple[Verb, ...]:
     )
 
 
-def _confirm(command: Mapping[str, Any]) -> None:
-    what = (
-        "every dead letter" if command.get("dead") else "every queued item (it will never be sent)"
-    )
+def _confirm(command: Mapping[str, Any], *, ask: bool) -> None:
+    """Refuses --dead with --project (a usage error, before anything is sent); asks unless
+    --yes, and without a terminal to ask on insists on --yes."""
+    if command.get("dead") and command.get("project_token"):
+        raise CliError("queue purge takes --dead or --project, not both", EX_USAGE)
+    if command.get("dead"):
+        what = "every dead letter"
+    elif command.get("project_token"):
+        what = f"every queued item of project {command['project_token']} (they will never be sent)"
+    else:
+        what = "every queued item (it will never be sent)"
+    if not ask:
+        return
     if not sys.stdin.isatty():
         raise CliError(
             f"queue purge deletes {what}; stdin is not a terminal, so pass --yes to confirm",
@@ -141,8 +156,8 @@ def _confirm(command: Mapping[str, Any]) -> None:
 def run_queue_verb(verb: Verb, ns: argparse.Namespace) -> int:
     options = Options.from_namespace(ns)
     command = build_command(verb, ns)
-    if command["command"] == "queue_purge" and not ns.v_yes:
-        _confirm(command)
+    if command["command"] == "queue_purge":
+        _confirm(command, ask=not ns.v_yes)
     try:
         with options.client(DEFAULT_TIMEOUT) as client:
             reply = client.request(command)
