@@ -103,7 +103,7 @@ def queue_verbs() -> tuple[Verb, ...]:
             "queue_purge",
             "delete every queued item (or one project's, or every dead letter) for good",
             f"  {p} purge            # asks first\n  {p} purge --dead --yes\n"
-            f"  {p} purge --project 0b7e…   # a project removed from the config",
+            f"  {p} purge --project 0b7e5a9c-1d2f-11ee-8c3a-0242ac120002",
             (
                 Arg(
                     ("--dead",),
