@@ -17,6 +17,11 @@ import pytest
 from agent.cli import main
 from tests.fixtures.daemon import REPO, AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
+from tests.unit import test_cli
+
+# The machine's /etc config and environment stay out (fixtures shared with test_cli).
+_no_system_config = test_cli._no_system_config
+short_dir = test_cli.short_dir
 
 NOW = time.time()
 
@@ -66,15 +71,6 @@ def fleet(mosquitto: MosquittoBroker) -> MosquittoBroker:
     publish_retained(mosquitto, "engagement/kiosk-001/kiosk-ui/error", "{}")  # not a status
     publish_retained(mosquitto, "other/kiosk-009/status", json.dumps(status()))
     return mosquitto
-
-
-@pytest.fixture(autouse=True)
-def _no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Keep the machine's /etc config and environment out of the tests."""
-    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
-    for name in list(os.environ):
-        if name.startswith("ENGAGEMENT_AGENT_"):
-            monkeypatch.delenv(name)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
