@@ -66,10 +66,12 @@ class AgentUnavailable(Exception):
     lost by the agent in either case, but the command was not accepted: try again later.
     """
 
-    def __init__(self, message: str, *, offline: bool = False) -> None:
+    def __init__(self, message: str, *, offline: bool = False, timed_out: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.offline = offline
+        #: The agent is there but did not answer within the client's timeout.
+        self.timed_out = timed_out
 
 
 class CommandError(Exception):
@@ -103,7 +105,7 @@ class AgentShuttingDown(CommandError, AgentUnavailable):
 
     def __init__(self, reply: Mapping[str, Any]) -> None:
         CommandError.__init__(self, reply)
-        self.offline = False
+        self.offline = self.timed_out = False
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -412,12 +414,15 @@ class Client(_Commands[Json]):
     def request(self, command: Mapping[str, Any], *, timeout: float | None = None) -> Reply:
         """Send one command object and return its reply, accepted or not."""
         line = _encode(command)
+        wait = timeout if timeout is not None else self.timeout
         with self._lock, self._failing_closes():
             sock = self._connected
-            sock.settimeout(timeout if timeout is not None else self.timeout)
+            sock.settimeout(wait)
             try:
                 sock.sendall(line)
                 return self._read_reply()
+            except TimeoutError:
+                raise self._timed_out(wait) from None
             finally:
                 sock.settimeout(self.timeout)
 
@@ -567,11 +572,14 @@ class Client(_Commands[Json]):
             )
         return Reply.parse(line, str(self.socket_path))
 
+    def _timed_out(self, seconds: float | None) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"the agent at {self.socket_path} did not reply within {seconds:g} s", timed_out=True
+        )
+
     def _lost(self, exc: OSError) -> AgentUnavailable:
         if isinstance(exc, TimeoutError):
-            return AgentUnavailable(
-                f"the agent at {self.socket_path} did not reply within {self.timeout:g} s"
-            )
+            return self._timed_out(self.timeout)
         return AgentUnavailable(
             f"lost the connection to the agent at {self.socket_path}: {exc.strerror or exc}"
         )

@@ -304,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: {message}\n")
         return exc.exit_code
     except AgentUnavailable as exc:
-        sys.stderr.write(f"{PROG}: {exc.message}\n")
+        hint = " (raise it with --timeout)" if exc.timed_out else ""
+        sys.stderr.write(f"{PROG}: {exc.message}{hint}\n")
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
