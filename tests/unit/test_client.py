@@ -3,7 +3,8 @@ sends, and how replies become results or exceptions. The real daemon: tests/inte
 
 from __future__ import annotations
 
-import time
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,13 +86,15 @@ def test_an_unreadable_reply_is_agent_unavailable_and_the_next_call_reconnects(
     client.close()
 
 
-def test_a_silent_agent_times_out(agent: FakeAgent) -> None:
-    def slow(request: dict[str, Any]) -> dict[str, Any]:
-        time.sleep(2)
-        return {"ok": True, "result": {}}
-
-    agent.responder = slow
-    with Client(agent.path, timeout=0.2) as client, pytest.raises(
-        AgentUnavailable, match=r"did not reply within 0\.2 s"
-    ):
-        client.status()
+def test_a_silent_agent_times_out(short_dir: Path) -> None:
+    mute = short_dir / "mute.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(mute))
+    server.listen(1)  # accepts (in the backlog) but never answers
+    try:
+        with Client(mute, timeout=0.2) as client, pytest.raises(AgentUnavailable) as silent:
+            client.status()
+    finally:
+        server.close()
+    assert silent.value.timed_out and not silent.value.offline
+    assert str(silent.value).endswith("did not reply within 0.2 s")
