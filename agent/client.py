@@ -521,8 +521,7 @@ class Client(_Commands[Json]):
             if not forwarder.done.is_set() or short or hung_up:
                 # Not joined: the thread may be blocked reading a terminal; it is a daemon thread.
                 raise AgentUnavailable(
-                    f"the agent at {self.socket_path} closed the connection after "
-                    f"{replies} replies"
+                    f"the agent at {self.socket_path} closed the connection after {replies} replies"
                 )
             forwarder.join()
             if forwarder.error is not None:

@@ -26,6 +26,7 @@ EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78  # == agent.config.EX_CONFIG, not imported so that --socket needs no pydantic
 
+
 class CliError(Exception):
     """Ends the command: `main` prints `engagement-agent: <message>` (one line) and exits."""
 

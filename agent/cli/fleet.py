@@ -292,8 +292,7 @@ class Listener:
             import paho.mqtt.client as paho
 
             raise CliError(
-                f"lost the connection to the MQTT broker at {self.where}: "
-                f"{paho.error_string(rc)}",
+                f"lost the connection to the MQTT broker at {self.where}: {paho.error_string(rc)}",
                 EX_UNAVAILABLE,
             )
 

@@ -138,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the agent's status as Prometheus metrics",
         description="Ask the agent for its status and print it in the Prometheus text format "
         "(the same as metrics.textfile writes for node_exporter).",
-        epilog=f"examples:\n  {PROG} metrics\n"
-        f"  {PROG} metrics | grep engagement_agent_queue_items",
+        epilog=f"examples:\n  {PROG} metrics\n  {PROG} metrics | grep engagement_agent_queue_items",
     )
     metrics.set_defaults(handler=_metrics)
 

@@ -100,7 +100,18 @@ def status(result: Result, now: float | None = None) -> str:
     if mqtt.get("enabled") is False:
         lines.append("mqtt:     disabled")
     else:
-        lines.append("mqtt:     " + ("connected" if mqtt.get("connected") else "not connected"))
+        protocol = f" (MQTT {mqtt['protocol']})" if mqtt.get("protocol") else ""
+        state = "connected" + protocol if mqtt.get("connected") else "not connected"
+        lines.append("mqtt:     " + state)
+
+    clock = result.get("clock")
+    if isinstance(clock, Mapping) and "synchronized" in clock:
+        text = "synchronized" if clock["synchronized"] else "NOT synchronized"
+        if clock.get("source"):
+            text += f", source {clock['source']}"
+        if clock.get("held"):
+            text += f", {_count(clock['held'])} items held until the time is known"
+        lines.append("clock:    " + text)
 
     projects = (result.get("sync") or {}).get("projects") or []
     lines.append("projects:" + ("" if projects else " none yet"))
@@ -121,7 +132,7 @@ def status(result: Result, now: float | None = None) -> str:
     for name, app in apps.items():
         tracked = app.get("push_token_tracked_at")
         lines.append(
-            f"  {name}: session {app.get('session', '?')}, cookie {app.get('cookie') or '-'}, "
+            f"  {name}: session {app.get('session', '?')}, "
             + ("push token tracked " + ago(tracked, now) if tracked else "no push token")
         )
 

@@ -49,7 +49,7 @@ STATUS = {
         "sent": 40,
     }]},
     "mqtt": {"enabled": True, "connected": False},
-    "apps": {"kiosk-ui": {"session": "active", "cookie": "c0ffee", "push_token_tracked_at": None}},
+    "apps": {"kiosk-ui": {"session": "active", "push_token_tracked_at": None}},
 }
 
 
@@ -423,11 +423,23 @@ def test_status_is_readable_at_a_glance(cli: Run, agent: FakeAgent) -> None:
         "tok-1 @ https://api.example.com: backoff, sent 40, last success never",
         "last error: HTTP 503",
         "next attempt in",
-        "kiosk-ui: session active, cookie c0ffee, no push token",
+        "kiosk-ui: session active, no push token",
         "/q.db.corrupt-20240501T120000Z at",
         "quick_check failed",
     ):
         assert fragment in out, fragment
+
+
+def test_status_shows_the_clock_and_mqtt_protocol_when_reported(
+    cli: Run, agent: FakeAgent
+) -> None:
+    mqtt = {"enabled": True, "connected": True, "protocol": "3.1.1"}
+    clock = {"synchronized": False, "source": "none", "held": 4}
+    agent.responder = ok({**STATUS, "mqtt": mqtt, "clock": clock})
+    code, out, _ = cli("status")
+    assert code == 0
+    assert "mqtt:     connected (MQTT 3.1.1)\n" in out
+    assert "clock:    NOT synchronized, source none, 4 items held until the time is known\n" in out
 
 
 def test_status_survives_a_sparse_reply(cli: Run, agent: FakeAgent) -> None:
