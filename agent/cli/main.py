@@ -45,6 +45,7 @@ examples:
   {PROG} track purchase_started -p item=handbag -p price=12.5 --app kiosk-ui
   {PROG} send < commands.ndjson
   {PROG} queue list
+  {PROG} fleet --host broker.example.com
 
 Global options (--socket, --config, --json, --timeout) work before or after the verb.
 exit codes: 0 ok, 1 command rejected, 64 usage, 69 agent not reachable, 78 bad config
@@ -81,7 +82,7 @@ def _global_options(*, socket: bool, json: bool = True) -> _Parser:
             "--json",
             action="store_true",
             default=argparse.SUPPRESS,
-            help="print the agent's reply as JSON instead of text",
+            help="print the result as JSON instead of text (a refusal: the reply on stderr)",
         )
     if socket:
         group.add_argument(

@@ -258,7 +258,7 @@ def test_usage_errors_exit_64_with_one_line(cli: Run, agent: FakeAgent, argv: li
 def test_help_for_every_verb_has_examples(cli: Run) -> None:
     verbs = ["run", "check-config", "track", "identify", "anonymize", "session", "foreground",
              "background", "push-token", "verify-push-token", "payment", "default-properties",
-             "flush", "customer", "status", "send", "queue"]
+             "flush", "customer", "status", "send", "queue", "fleet", "metrics", "reload"]
     for verb in verbs:
         code, out, _ = cli(verb, "--help", socket=False)
         assert code == 0
