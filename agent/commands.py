@@ -14,7 +14,16 @@ import re
 from typing import Annotated, Any, Literal, Union, cast, get_args
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from agent.errors import InvalidCommand, InvalidJson
 
@@ -83,15 +92,32 @@ class IdentifyCustomer(_Command):
 
 
 class ProjectSpec(BaseModel):
-    """A project given in a command (anonymize) — same shape as the config's project."""
+    """A project given in a command (anonymize) as an object. It only selects one of the
+    configured projects by `project_token` and `base_url`; an `authorization_token` is
+    accepted for the SDK's shape but ignored: credentials come from the config alone."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     project_token: Annotated[str, Field(min_length=1, max_length=256)]
-    authorization_token: Annotated[str, Field(min_length=1, max_length=1024)]
+    authorization_token: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")] = (
         "https://api.exponea.com"
     )
+
+
+#: Tags of the two shapes a project reference may take; they appear in pydantic's error
+#: locations and are dropped from the field paths a client sees.
+_PROJECT_OBJECT_TAG = "project object"
+_PROJECT_NAME_TAG = "project name"
+
+#: A configured project's name (`[projects.<name>]`, `default` for `[project]`), or an object.
+ProjectRef = Annotated[
+    Union[  # noqa: UP007 - Tag needs the members annotated one by one
+        Annotated[ProjectSpec, Tag(_PROJECT_OBJECT_TAG)],
+        Annotated[str, Field(min_length=1, max_length=64), Tag(_PROJECT_NAME_TAG)],
+    ],
+    Discriminator(lambda v: _PROJECT_NAME_TAG if isinstance(v, str) else _PROJECT_OBJECT_TAG),
+]
 
 
 EventTypeName = Literal[
@@ -109,8 +135,8 @@ EVENT_TYPES: tuple[str, ...] = get_args(EventTypeName)
 
 class Anonymize(_Command):
     command: Literal["anonymize"]
-    project: ProjectSpec | None = None
-    mapping: dict[EventTypeName, list[ProjectSpec]] | None = None
+    project: ProjectRef | None = None
+    mapping: dict[EventTypeName, list[ProjectRef]] | None = None
 
 
 class TrackSessionStart(_Timestamped):
@@ -272,7 +298,7 @@ def is_admin(command: object) -> bool:
 def _field_path(loc: tuple[int | str, ...]) -> str:
     # pydantic puts the discriminator's tag in the location (`track_event.name`); the client
     # only knows its own field names, so the tag is dropped.
-    parts = [str(part) for part in loc]
+    parts = [str(part) for part in loc if part not in (_PROJECT_OBJECT_TAG, _PROJECT_NAME_TAG)]
     if parts and parts[0] in _ALL_TAGS:
         parts = parts[1:]
     return ".".join(parts) or "(command)"
@@ -288,6 +314,8 @@ def _reason(error: Any) -> str:
         return "unknown command; expected one of: " + ", ".join(COMMAND_NAMES)
     if kind == "union_tag_not_found":
         return "required field 'command' is missing"
+    if kind == "model_type" and _PROJECT_OBJECT_TAG in error["loc"]:
+        return "expected a configured project's name or a project object"
     message: str = error["msg"]
     return message.removeprefix("Value error, ")
 

@@ -1,4 +1,4 @@
-"""Configuration (SPEC §7, §11): TOML file, environment overrides, `*_file` secrets, validation.
+"""Configuration: TOML file, environment overrides, `*_file` secrets, validation.
 
 `load_config()` either returns a complete, validated `AgentConfig` or raises `ConfigError`
 listing every problem as `dotted.key.path: reason`, which `run` and `check-config` print before
@@ -26,12 +26,14 @@ import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -39,7 +41,14 @@ from pydantic import (
 )
 
 from agent.commands import EVENT_TYPES, is_valid_app_name
-from agent.tracker.model import DEFAULT_BASE_URL, UNCONFIGURED_PROJECT, AppSettings, Project
+from agent.tracker.model import (
+    DEFAULT_BASE_URL,
+    UNCONFIGURED_PROJECT,
+    AppSettings,
+    Project,
+    ProjectCatalog,
+    ProjectKey,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +67,11 @@ SECRET_FILE_KEYS = frozenset({"authorization_token_file", "password_file"})
 #: `mqtt.*_file` keys that stay paths (the TLS library reads them) but must exist when `tls`.
 TLS_FILE_KEYS = ("ca_file", "cert_file", "key_file")
 #: Keys of `[apps]` that are settings, not app names.
-APPS_RESERVED_KEYS = frozenset({"allow_unknown", "defaults"})
+APPS_RESERVED_KEYS = frozenset({"allow_unknown", "defaults", "max_apps"})
+#: `[projects.<name>]`: the same shape as app names, so env overrides can reach every one.
+PROJECT_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+#: The name `[project]` goes by wherever a project is expected.
+DEFAULT_PROJECT_NAME = "default"
 MAX_PROPERTY_DEPTH = 10
 
 Problem = tuple[str, str]
@@ -94,7 +107,21 @@ class ProjectConfig(_Section):
         return Project(self.project_token, self.authorization_token, self.base_url.rstrip("/"))
 
 
-MappingConfig = dict[Literal[EVENT_TYPES], list[ProjectConfig]]  # type: ignore[valid-type]
+#: Tags of the two shapes of a project reference; pydantic puts them in error locations, and
+#: `_error_path` drops them so problems name the key the user wrote.
+_PROJECT_TABLE_TAG = "project table"
+_PROJECT_NAME_TAG = "project name"
+
+#: Wherever a project is expected: a table, or the name of a configured project (checked
+#: against `[projects.<name>]` and `default` by `_check_project_names`).
+ProjectRef = Annotated[
+    Union[  # noqa: UP007 - Tag needs the members annotated one by one
+        Annotated[ProjectConfig, Tag(_PROJECT_TABLE_TAG)],
+        Annotated[str, Field(min_length=1), Tag(_PROJECT_NAME_TAG)],
+    ],
+    Discriminator(lambda v: _PROJECT_NAME_TAG if isinstance(v, str) else _PROJECT_TABLE_TAG),
+]
+MappingConfig = dict[Literal[EVENT_TYPES], list[ProjectRef]]  # type: ignore[valid-type]
 
 
 def _check_json_value(value: Any, depth: int) -> None:
@@ -134,8 +161,10 @@ class AppConfig(_Section):
     allow_default_customer_properties: bool = True
     default_properties: dict[str, Any] = {}
     app_version: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    project: ProjectConfig | None = None
+    project: ProjectRef | None = None
     mapping: MappingConfig | None = None
+    #: Names of the projects this app may choose with anonymize (default: every configured).
+    projects: list[Annotated[str, Field(min_length=1)]] | None = None
     allowed_uids: list[Annotated[int, Field(ge=0, le=2**32 - 2)]] | None = None
 
     @model_validator(mode="before")
@@ -166,6 +195,8 @@ class AppsConfig(_Section):
     __pydantic_extra__: dict[str, AppConfig] = Field(init=False)
 
     allow_unknown: bool = True
+    #: Apps with state at most (`default` included); a new one beyond is `unknown_app`.
+    max_apps: Annotated[int, Field(ge=1)] = 64
     defaults: AppConfig = AppConfig()
 
     @model_validator(mode="before")
@@ -306,6 +337,7 @@ class AgentConfig(_Section):
     device_uuid: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     project: ProjectConfig | None = None
+    projects: dict[Annotated[str, Field(pattern=PROJECT_NAME_PATTERN)], ProjectConfig] = {}
     mapping: MappingConfig = {}
     apps: AppsConfig = AppsConfig()
     queue: QueueConfig = QueueConfig()
@@ -329,6 +361,24 @@ class AgentConfig(_Section):
             raise ValueError("'all' is the MQTT broadcast address, not a device name")
         return value
 
+    @model_validator(mode="after")
+    def _default_project(self) -> AgentConfig:
+        """`[projects.default]` is another way to write `[project]`."""
+        if self.project is None and DEFAULT_PROJECT_NAME in self.projects:
+            return self.model_copy(update={"project": self.projects[DEFAULT_PROJECT_NAME]})
+        return self
+
+    def named_projects(self) -> dict[str, Project]:
+        """`[projects.<name>]` by name, and `[project]` as `default`."""
+        named = {DEFAULT_PROJECT_NAME: self.project.to_project()} if self.project else {}
+        for name, config in self.projects.items():
+            named.setdefault(name, config.to_project())
+        return named
+
+    def _resolve(self, ref: ProjectConfig | str, named: Mapping[str, Project]) -> Project:
+        # Names were checked against the config when it was loaded.
+        return named[ref] if isinstance(ref, str) else ref.to_project()
+
     def app_config(self, app: str) -> AppConfig | None:
         """The merged config of `app`, or None if it is unknown and unknown apps are refused."""
         named = self.apps.named()
@@ -340,16 +390,26 @@ class AgentConfig(_Section):
         app_config = self.app_config(app)
         if app_config is None:
             return None
+        named = self.named_projects()
         default_project = self.project.to_project() if self.project else UNCONFIGURED_PROJECT
-        project = app_config.project.to_project() if app_config.project else default_project
+        project = (
+            self._resolve(app_config.project, named) if app_config.project else default_project
+        )
         mapping_source = app_config.mapping if app_config.mapping is not None else self.mapping
         mapping = {
-            event_type: tuple(p.to_project() for p in projects)
+            event_type: tuple(self._resolve(p, named) for p in projects)
             for event_type, projects in mapping_source.items()
         }
+        configured: dict[ProjectKey, Project] = {}
+        for known in self.known_projects():
+            configured.setdefault(known.key, known)
+        allowed = None
+        if app_config.projects is not None:
+            allowed = frozenset(named[name].key for name in app_config.projects)
         return AppSettings(
             project=project,
             mapping=mapping,
+            catalog=ProjectCatalog(named=named, configured=configured, allowed=allowed),
             application_id=app_config.application_id,
             session_timeout=app_config.session_timeout,
             automatic_session_tracking=app_config.automatic_session_tracking,
@@ -361,18 +421,18 @@ class AgentConfig(_Section):
         )
 
     def known_projects(self) -> list[Project]:
-        """Every project the config names, for looking up credentials at send time."""
-        found: list[Project] = []
+        """Every project the config names anywhere (the "configured projects": the only ones
+        apps may choose, and where credentials are looked up at send time)."""
+        named = self.named_projects()
+        found = list(named.values())
         configs = [self.apps.defaults, *self.apps.named().values()]
-        if self.project:
-            found.append(self.project.to_project())
         for projects in self.mapping.values():
-            found.extend(p.to_project() for p in projects)
+            found.extend(self._resolve(p, named) for p in projects)
         for app_config in configs:
             if app_config.project:
-                found.append(app_config.project.to_project())
+                found.append(self._resolve(app_config.project, named))
             for projects in (app_config.mapping or {}).values():
-                found.extend(p.to_project() for p in projects)
+                found.extend(self._resolve(p, named) for p in projects)
         return found
 
 
@@ -422,24 +482,25 @@ class _Load:
 
 
 def _parse_env_value(raw: str) -> Any:
-    """Env values are TOML values when they parse as one, else plain strings (SPEC §11)."""
+    """Env values are TOML values when they parse as one, else plain strings."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
 
 
-def _app_key(apps: Any, part: str, name: str, load: _Load) -> str:
-    """Map an env path segment to an app name: env names cannot hold '-' or '.', so `KIOSK_UI`
-    means the configured app whose name reads `kiosk_ui` once '-' and '.' become '_'."""
-    if part in APPS_RESERVED_KEYS or not isinstance(apps, dict):
+def _table_key(tables: Any, part: str, kind: str, name: str, load: _Load) -> str:
+    """Map an env path segment to an app or project name: env names cannot hold '-' or '.',
+    so `KIOSK_UI` means the configured app (or project) whose name reads `kiosk_ui` once '-'
+    and '.' become '_'."""
+    if part in APPS_RESERVED_KEYS or not isinstance(tables, dict):
         return part
-    if part in apps:
+    if part in tables:
         return part
-    matches = [key for key in apps if key.replace("-", "_").replace(".", "_") == part]
+    matches = [key for key in tables if key.replace("-", "_").replace(".", "_") == part]
     if len(matches) > 1:
         load.problems.append(
-            (name, f"matches more than one app ({', '.join(sorted(matches))}); rename one")
+            (name, f"matches more than one {kind} ({', '.join(sorted(matches))}); rename one")
         )
     return matches[0] if len(matches) == 1 else part
 
@@ -455,8 +516,9 @@ def _apply_env(data: dict[str, Any], load: _Load) -> None:
             continue
         overrides.append((len(parts), name, parts, raw))
     for _, name, parts, raw in sorted(overrides):
-        if parts[0] == "apps" and len(parts) > 1:
-            parts[1] = _app_key(data.get("apps"), parts[1], name, load)
+        if parts[0] in ("apps", "projects") and len(parts) > 1:
+            kind = "app" if parts[0] == "apps" else "project"
+            parts[1] = _table_key(data.get(parts[0]), parts[1], kind, name, load)
         path: list[str | int] = []
         target: Any = data
         for part in parts[:-1]:
@@ -498,11 +560,13 @@ def _file_path(value: str, load: _Load) -> Path | str:
 
 def _is_secret_file_key(key: str, path: KeyPath) -> bool:
     """Whether `key` at `path` is a secret file: `password_file` in `[mqtt]`,
-    `authorization_token_file` in a project table (top level, mapping entry, app's own)."""
+    `authorization_token_file` in a project table (top level, named, mapping entry, app's own)."""
     if key == "password_file":
         return path == ("mqtt",)
     if key != "authorization_token_file":
         return False
+    if len(path) == 2 and path[0] == "projects":
+        return True
     if path[:1] == ("apps",) and len(path) >= 3:
         path = path[2:]
     return path == ("project",) or (
@@ -611,15 +675,24 @@ def _reason(err: Mapping[str, Any]) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind == "model_type" and _PROJECT_TABLE_TAG in err["loc"]:
+        return "must be a project table or the name of a configured project"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return "must be a table"
     if kind == "literal_error" and err["loc"] and err["loc"][-1] == "[key]":
         return "unknown event type; expected one of " + ", ".join(EVENT_TYPES)
+    if kind == "string_pattern_mismatch" and err["loc"][:1] == ("projects",):
+        return "invalid project name: it must match [a-z0-9][a-z0-9._-]{0,63}"
     return str(err["msg"]).removeprefix("Value error, ")
 
 
 def _error_path(loc: tuple[int | str, ...]) -> KeyPath:
-    return tuple(part for part in loc if part != "[key]" and not str(part).startswith("function"))
+    return tuple(
+        part
+        for part in loc
+        if part not in ("[key]", _PROJECT_TABLE_TAG, _PROJECT_NAME_TAG)
+        and not str(part).startswith("function")
+    )
 
 
 def _set_path(data: Any, path: KeyPath, value: Any) -> None:
@@ -673,6 +746,81 @@ def _check_tls_files(data: dict[str, Any], load: _Load) -> None:
             load.problem(("mqtt", key), f"{value} is not readable by this user")
 
 
+def _project_refs(data: dict[str, Any]) -> list[tuple[KeyPath, Any]]:
+    """Every place in the raw config where a project is expected, with its value: mapping
+    entries, apps' `project`, `mapping` and `projects`."""
+    refs: list[tuple[KeyPath, Any]] = []
+
+    def mapping_refs(mapping: Any, path: KeyPath) -> None:
+        if isinstance(mapping, dict):
+            for event_type, entries in mapping.items():
+                if isinstance(entries, list):
+                    refs.extend(((*path, event_type, i), e) for i, e in enumerate(entries))
+
+    mapping_refs(data.get("mapping"), ("mapping",))
+    apps = data.get("apps")
+    for app, table in apps.items() if isinstance(apps, dict) else ():
+        if not isinstance(table, dict):
+            continue
+        if "project" in table:
+            refs.append((("apps", app, "project"), table["project"]))
+        mapping_refs(table.get("mapping"), ("apps", app, "mapping"))
+        names = table.get("projects")
+        if isinstance(names, list):
+            refs.extend((("apps", app, "projects", i), name) for i, name in enumerate(names))
+    return refs
+
+
+def _check_project_names(data: dict[str, Any], load: _Load) -> None:
+    """A project name must name a configured project; checked on the raw data (like the TLS
+    files) so these problems are listed with every other one."""
+    projects = data.get("projects")
+    names = set(projects) if isinstance(projects, dict) else set()
+    if "project" in data:
+        if DEFAULT_PROJECT_NAME in names:
+            load.problem(
+                ("projects", DEFAULT_PROJECT_NAME),
+                "[project] already is the project named 'default'; give only one of them",
+            )
+        names.add(DEFAULT_PROJECT_NAME)
+    known = ", ".join(sorted(names)) or "none; add a [projects.<name>] table"
+    for path, value in _project_refs(data):
+        if isinstance(value, str) and value and value not in names:
+            load.problem(path, f"unknown project {value!r} (configured: {known})")
+
+
+def _check_conflicting_projects(config: AgentConfig, load: _Load) -> None:
+    """A project (token and URL) must have one authorization token: credentials are looked up
+    by project when sending, and two different ones would leave it to chance which is used."""
+    tables: list[tuple[KeyPath, ProjectConfig]] = []
+    if config.project is not None:
+        tables.append((("project",), config.project))
+    tables.extend((("projects", name), table) for name, table in config.projects.items())
+
+    def add(path: KeyPath, ref: ProjectConfig | str | None) -> None:
+        if isinstance(ref, ProjectConfig):
+            tables.append((path, ref))
+
+    for event_type, entries in config.mapping.items():
+        for i, entry in enumerate(entries):
+            add(("mapping", event_type, i), entry)
+    for app, app_config in {"defaults": config.apps.defaults, **config.apps.named()}.items():
+        add(("apps", app, "project"), app_config.project)
+        for event_type, entries in (app_config.mapping or {}).items():
+            for i, entry in enumerate(entries):
+                add(("apps", app, "mapping", event_type, i), entry)
+    first: dict[ProjectKey, tuple[KeyPath, str]] = {}
+    for path, table in tables:
+        project = table.to_project()
+        seen = first.setdefault(project.key, (path, project.authorization_token))
+        if seen[1] != project.authorization_token:
+            load.problem(
+                path,
+                f"same project_token and base_url as {load.dotted(seen[0])} "
+                "but a different authorization_token",
+            )
+
+
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read, merge and validate the configuration; raises `ConfigError` with every problem.
 
@@ -700,7 +848,10 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     )
     _fill_paths(data, load, system)
     _check_tls_files(data, load)
+    _check_project_names(data, load)
     config = _validate(data, load)
+    if config is not None:
+        _check_conflicting_projects(config, load)
     if load.problems or config is None:
         raise ConfigError(load.problems, source)
     return config

@@ -457,8 +457,9 @@ class Daemon:
             },
             "apps": {
                 app: {
+                    # No customer ids: the status is retained on the broker for anyone who
+                    # may subscribe; `get_customer` is each app's way to read its own.
                     "session": state.session,
-                    "cookie": state.cookie,
                     "push_token_tracked_at": state.push_token_tracked_at,
                 }
                 for app, state in sorted(self.engine.states().items())

@@ -126,7 +126,12 @@ class Engine:
         if settings is None:
             # The config was reloaded between intake's check and this op.
             raise UnknownApp(f"unknown app {app!r}")
+        max_apps = self._settings[0].apps.max_apps
         state = self._pending.get(app, self._states.get(app))
+        if state is None and len(self._states.keys() | self._pending.keys()) >= max_apps:
+            # Every command for an app creates its state; the number of apps a client can
+            # make the agent remember is bounded (docs/configuration.md, apps.max_apps).
+            raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
         outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
         txn.enqueue(outcome.items, now)
         if outcome.state != (state or AppState()):

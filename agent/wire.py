@@ -41,6 +41,15 @@ def batch_path(project_token: str) -> str:
     return f"/track/v2/projects/{quote(project_token, safe='')}/batch"
 
 
+def authorization_header(authorization_token: str) -> str:
+    """The `Authorization` value for a configured key. The SDK documentation shows the key as
+    the whole header value (`Token <key>`, iOS also `Bearer <key>`), so a key written that way
+    is sent as it is rather than as `Token Token <key>`."""
+    if authorization_token.startswith(("Token ", "Bearer ")):
+        return authorization_token
+    return f"Token {authorization_token}"
+
+
 def batch_body(payloads: Sequence[bytes]) -> bytes:
     """The request body for stored payloads, without re-encoding them.
 

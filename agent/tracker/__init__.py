@@ -6,7 +6,7 @@ when a session timer fires, and `pending_timer()` after a restart to re-arm time
 
 from __future__ import annotations
 
-from agent.tracker.core import config_fingerprint, expire_session, handle, pending_timer
+from agent.tracker.core import expire_session, handle, pending_timer
 from agent.tracker.model import (
     UNCONFIGURED_PROJECT,
     AppSettings,
@@ -16,8 +16,10 @@ from agent.tracker.model import (
     OutboundItem,
     Outcome,
     Project,
+    ProjectCatalog,
     ProjectSwitch,
 )
+from agent.tracker.routing import config_fingerprint
 
 __all__ = [
     "UNCONFIGURED_PROJECT",
@@ -28,6 +30,7 @@ __all__ = [
     "OutboundItem",
     "Outcome",
     "Project",
+    "ProjectCatalog",
     "ProjectSwitch",
     "config_fingerprint",
     "expire_session",

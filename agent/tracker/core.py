@@ -1,4 +1,4 @@
-"""The SDK's tracking logic for one app, as pure functions (SPEC §4, §5, §11 "Tracking").
+"""The SDK's tracking logic for one app, as pure functions (docs/tracking.md is the rulebook).
 
 Everything here is sans-I/O in the h11 sense: a command and the app's current `AppState` go in,
 an `Outcome` (next state, items to queue, reply result, timer wish) comes out. The caller owns
@@ -14,8 +14,6 @@ customer ids and project fan-out.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +24,6 @@ from agent.commands import (
     AppForeground,
     GetCustomer,
     IdentifyCustomer,
-    ProjectSpec,
     SetDefaultProperties,
     TrackEvent,
     TrackHmsPushToken,
@@ -44,10 +41,10 @@ from agent.tracker.model import (
     DeviceInfo,
     OutboundItem,
     Outcome,
-    Project,
     ProjectSwitch,
     TokenType,
 )
+from agent.tracker.routing import current_state, projects_for, routing, switch_for
 
 #: `token_track_frequency = "daily"` re-tracks when the last track is at least this old.
 DAILY_SECONDS = 24 * 3600.0
@@ -88,15 +85,19 @@ def handle(
 ) -> Outcome:
     """Apply one accepted command to an app; `state=None` means the app was never seen.
 
-    Raises `InvalidState` for the SPEC's invalid_state cases, before anything is decided; the
-    caller then commits nothing. Any other command type is a programming error (`TypeError`):
+    Raises `InvalidState` (a manual session command in the wrong mode) and `Forbidden` (an
+    anonymize naming a project the app may not use) before anything is decided; the caller
+    then commits nothing. Any other command type is a programming error (`TypeError`):
     `status` and `flush` are the daemon's, not the tracker's.
     """
     _check_allowed(command, state, settings)
-    run = _Run(settings, device, ctx, _current_state(state, settings))
-
+    run = _Run(settings, device, ctx, current_state(state, settings))
     if isinstance(command, GetCustomer):
         return _on_get_customer(run)
+    switch = switch_for(command, run.state, settings) if isinstance(command, Anonymize) else None
+    # Read by the relaunch rule of this very command, so remembered only after it.
+    command_at = _timestamp_of(command, ctx)
+
     if not isinstance(command, Anonymize | SetDefaultProperties):
         # The first tracking command of an app installs it, before its own items. Anonymize
         # installs its new customer itself (an app whose very first command is anonymize
@@ -109,7 +110,7 @@ def handle(
         case IdentifyCustomer():
             _on_identify_customer(run, command)
         case Anonymize():
-            _on_anonymize(run, command)
+            _on_anonymize(run, switch)
         case TrackSessionStart():
             _on_track_session_start(run, _timestamp_of(command, ctx))
         case TrackSessionEnd():
@@ -130,6 +131,10 @@ def handle(
             _on_set_default_properties(run, command)
         case _:  # pragma: no cover - guarded by the type checker
             raise TypeError(f"not a tracking command: {type(command).__name__}")
+    if run.state.in_foreground:
+        # Only the relaunch rule reads it, and only for an app in the foreground: apps that
+        # never report their lifecycle are spared a state write per command.
+        run.update(last_command_at=command_at)
     return run.outcome()
 
 
@@ -146,7 +151,7 @@ def expire_session(
     came back, or went to background again, or anonymize ended the session); only a session
     still in background since exactly `background_at` is ended, anything else is a no-op.
     """
-    run = _Run(settings, device, ctx, _current_state(state, settings))
+    run = _Run(settings, device, ctx, current_state(state, settings))
     current = run.state
     if (
         current.session == "background"
@@ -224,7 +229,7 @@ class _Run:
         self._emit(category, {"name": "customers", "data": data})
 
     def _emit(self, category: str, payload: Mapping[str, Any]) -> None:
-        for project in _projects_for(category, self.state, self.settings):
+        for project in projects_for(category, self.state, self.settings):
             self.items.append(OutboundItem(project, category, payload))
 
     def outcome(self, result: Mapping[str, Any] | None = None) -> Outcome:
@@ -239,13 +244,13 @@ class _Run:
 
 
 def _timestamp_of(command: object, ctx: Context) -> float:
-    """The command's own timestamp, else its accept time (SPEC §2: not the send time)."""
+    """The command's own timestamp, else its accept time (not the send time: docs/tracking.md)."""
     timestamp = getattr(command, "timestamp", None)
     return float(timestamp) if timestamp is not None else ctx.now
 
 
 def _check_allowed(command: object, state: AppState | None, settings: AppSettings) -> None:
-    """The SPEC's invalid_state cases, checked before anything else is decided."""
+    """The invalid_state cases (docs/protocol.md), checked before anything else is decided."""
     if not isinstance(command, TrackSessionStart | TrackSessionEnd):
         return
     name = "track_session_start" if isinstance(command, TrackSessionStart) else "track_session_end"
@@ -264,9 +269,9 @@ def _check_allowed(command: object, state: AppState | None, settings: AppSetting
 
 def _on_get_customer(run: _Run) -> Outcome:
     # Creates (and so persists) the cookie, but tracks nothing: installation waits for the
-    # app's first tracking command (SPEC §11).
+    # app's first tracking command (docs/tracking.md).
     ids = run.customer_ids()
-    project, _ = _routing(run.state, run.settings)
+    project, _ = routing(run.state, run.settings)
     return run.outcome({"ids": ids, "project_token": project.project_token})
 
 
@@ -325,12 +330,22 @@ def _on_app_foreground(run: _Run, command: AppForeground, timestamp: float) -> N
             _close_session(run, _session_end_time(run.state, timestamp))
         elif state.session == "background":
             run.update(session="active", background_at=None)
-    _remember_app_version(run, command.app_version)
+        elif state.session == "active" and _relaunched(state, timestamp, run.settings):
+            # The app restarted without saying goodbye (crash, kill) and was silent for a
+            # timeout: its session ended with its last command. Android never ends such a
+            # session and iOS ends it "now"; the agent saw the app's last command.
+            assert state.last_command_at is not None
+            _close_session(run, state.last_command_at)
+    version_changed = _remember_app_version(run, command.app_version)
     run.update(in_foreground=True)
     if run.settings.automatic_session_tracking and run.state.session == "none":
         _start_session(run, timestamp)
-    # The SDK verifies the push token each time the app becomes active, in either mode.
-    _verify_push_token(run, timestamp)
+    if version_changed and run.state.push_token is not None:
+        # A new app version re-tracks the token whatever the frequency (Android 4.10).
+        _send_push_token(run, timestamp)
+    else:
+        # The SDK verifies the push token each time the app becomes active, in either mode.
+        _verify_push_token(run, timestamp)
 
 
 def _on_app_background(run: _Run, command: AppBackground, timestamp: float) -> None:
@@ -354,8 +369,9 @@ def _on_track_push_token(run: _Run, token: str, token_type: TokenType) -> None:
     _send_push_token(run, run.ctx.now)
 
 
-def _on_anonymize(run: _Run, command: Anonymize) -> None:
-    """The SDK's anonymize sequence, in the SDK's order (SPEC §4, §11; REFERENCE)."""
+def _on_anonymize(run: _Run, switch: ProjectSwitch | None) -> None:
+    """The SDK's anonymize sequence, in the SDK's order (docs/tracking.md, "Anonymize").
+    `switch` is the routing `switch_for()` chose (and allowed) for the new customer."""
     now = run.ctx.now
     automatic = run.settings.automatic_session_tracking
     before = run.state
@@ -366,7 +382,8 @@ def _on_anonymize(run: _Run, command: Anonymize) -> None:
     # 2. The push token stops being the old customer's.
     if before.push_token_tracked is not None:
         _invalidate_push_token(run, replacing=None)
-    # 3. Forget the customer. Items already emitted keep their ids and project.
+    # 3. Forget the customer (runtime default properties stay: the SDKs never clear them).
+    # Items already emitted keep their ids and project.
     run.update(
         cookie=None,
         ids={},
@@ -374,11 +391,10 @@ def _on_anonymize(run: _Run, command: Anonymize) -> None:
         session="none",
         session_started_at=None,
         background_at=None,
-        runtime_default_properties={},
         push_token_tracked=None,
         push_token_tracked_at=None,
-        # 4. Switch project and mapping (or return to the config's).
-        project_switch=_switch_for(command, run.settings),
+        # 4. Switch project and mapping (None: the config's).
+        project_switch=switch,
     )
     # 5-6. A new cookie (created by the first item) and its installation.
     _install_once(run, now)
@@ -438,9 +454,22 @@ def _timed_out(state: AppState, foreground_at: float, settings: AppSettings) -> 
     return foreground_at - state.background_at >= settings.session_timeout
 
 
-def _remember_app_version(run: _Run, app_version: str | None) -> None:
-    if app_version:
-        run.update(app_version=app_version)
+def _remember_app_version(run: _Run, app_version: str | None) -> bool:
+    """Store the version the app reports; True when it replaces a different stored one (the
+    first version ever seen is no change)."""
+    if not app_version:
+        return False
+    previous = run.state.app_version
+    run.update(app_version=app_version)
+    return previous is not None and previous != app_version
+
+
+def _relaunched(state: AppState, foreground_at: float, settings: AppSettings) -> bool:
+    """A foreground while already in the foreground, after the app was silent for a session
+    timeout or longer, means the app restarted without `app_background`."""
+    if not state.in_foreground or state.last_command_at is None:
+        return False
+    return foreground_at - state.last_command_at >= settings.session_timeout
 
 
 def _verify_push_token(run: _Run, timestamp: float) -> None:
@@ -496,7 +525,7 @@ def _invalidate_push_token(run: _Run, replacing: TokenType | None) -> None:
 def _push_token_item(
     run: _Run, token: str, token_type: TokenType, valid: bool, timestamp: float
 ) -> None:
-    """One push-token item in the app's format. Never with default properties (SPEC §4)."""
+    """One push-token item in the app's format. Never with default properties."""
     if run.settings.push_token_format == "customer_property":
         run.customer_update(
             "push_token", timestamp, {_TOKEN_PROPERTY[token_type]: token if valid else ""}
@@ -546,7 +575,7 @@ def _event_properties(
 ) -> dict[str, Any]:
     """defaults < automatic (application_id, device_id, device props) < the event's own.
 
-    The event's own properties win over everything, as the SPEC says of defaults; automatic
+    The event's own properties win over everything, as docs/tracking.md says of defaults; automatic
     properties win over defaults so a default cannot silently relabel the app or device.
     """
     automatic = _automatic_properties(run)
@@ -559,89 +588,3 @@ def _customer_properties(run: _Run, own: Mapping[str, Any]) -> dict[str, Any]:
     if not run.settings.allow_default_customer_properties:
         return dict(own)
     return {**_default_properties(run), **own}
-
-
-# --------------------------------------------------------------------------------------------
-# Projects, mapping and the anonymize switch
-
-
-def _projects_for(category: str, state: AppState, settings: AppSettings) -> list[Project]:
-    """The app's project plus every project mapped for `category`, each project once."""
-    project, mapping = _routing(state, settings)
-    seen: set[tuple[str, str]] = set()
-    projects: list[Project] = []
-    for candidate in (project, *mapping.get(category, ())):
-        if candidate.key not in seen:
-            seen.add(candidate.key)
-            projects.append(candidate)
-    return projects
-
-
-def _routing(
-    state: AppState, settings: AppSettings
-) -> tuple[Project, Mapping[str, tuple[Project, ...]]]:
-    """Where the app sends now: its anonymize switch if it has one, else its config."""
-    switch = state.project_switch
-    if switch is None:
-        return settings.project, settings.mapping
-    project = Project(switch.project_token, switch.authorization_token, switch.base_url)
-    mapping = {
-        category: tuple(Project(**spec) for spec in specs)
-        for category, specs in switch.mapping.items()
-    }
-    return project, mapping
-
-
-def _current_state(state: AppState | None, settings: AppSettings) -> AppState:
-    """The app's state with a switch dropped once the config's project or mapping changed:
-    an operator's config change wins over a choice an app made before it."""
-    state = state if state is not None else AppState()
-    switch = state.project_switch
-    if switch is not None and switch.config_fingerprint != config_fingerprint(settings):
-        state = state.model_copy(update={"project_switch": None})
-    return state
-
-
-def config_fingerprint(settings: AppSettings) -> str:
-    """Identifies the config's project and mapping by project keys (not credentials: fixing an
-    authorization token does not undo an app's switch)."""
-    mapping = {
-        category: [list(project.key) for project in projects]
-        for category, projects in sorted(settings.mapping.items())
-        if projects
-    }
-    text = json.dumps([list(settings.project.key), mapping], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _switch_for(command: Anonymize, settings: AppSettings) -> ProjectSwitch | None:
-    """The routing an anonymize chooses. Without `project` and `mapping` the app returns to
-    its config's; `project` alone clears the mapping (config's included); `mapping` alone
-    keeps the config's project."""
-    if command.project is None and command.mapping is None:
-        return None
-    project = settings.project if command.project is None else _project_of(command.project)
-    mapping: dict[str, list[dict[str, str]]] = {
-        category: [_project_fields(_project_of(spec)) for spec in specs]
-        for category, specs in (command.mapping or {}).items()
-    }
-    return ProjectSwitch(
-        project_token=project.project_token,
-        authorization_token=project.authorization_token,
-        base_url=project.base_url,
-        mapping=mapping,
-        config_fingerprint=config_fingerprint(settings),
-    )
-
-
-def _project_of(spec: ProjectSpec) -> Project:
-    # Same normalisation as the config's projects, so keys compare equal.
-    return Project(spec.project_token, spec.authorization_token, spec.base_url.rstrip("/"))
-
-
-def _project_fields(project: Project) -> dict[str, str]:
-    return {
-        "project_token": project.project_token,
-        "authorization_token": project.authorization_token,
-        "base_url": project.base_url,
-    }

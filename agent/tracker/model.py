@@ -40,6 +40,25 @@ class Project:
 
 UNCONFIGURED_PROJECT = Project(project_token="", authorization_token="")
 
+ProjectKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class ProjectCatalog:
+    """The projects the config names, as one app may choose them with `anonymize`.
+
+    Apps may only send where the device's owner configured (docs/tracking.md, "Projects"):
+    `named` are `[projects.<name>]` (and `default` for `[project]`), `configured` every
+    project the config names anywhere (named, apps' own, mapping entries). `allowed` narrows
+    what this app may switch to (`apps.<app>.projects`); None means every configured project.
+    The projects the app's config sends to (its project, its mapping's) are always allowed,
+    whatever `allowed` says.
+    """
+
+    named: Mapping[str, Project] = field(default_factory=dict)
+    configured: Mapping[ProjectKey, Project] = field(default_factory=dict)
+    allowed: frozenset[ProjectKey] | None = None
+
 
 @dataclass(frozen=True)
 class AppSettings:
@@ -47,6 +66,7 @@ class AppSettings:
 
     project: Project
     mapping: Mapping[str, tuple[Project, ...]] = field(default_factory=dict)
+    catalog: ProjectCatalog = field(default_factory=ProjectCatalog)
     application_id: str = "default-application"
     session_timeout: float = 20.0
     automatic_session_tracking: bool = True
@@ -59,7 +79,7 @@ class AppSettings:
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """Device properties added to session, installation and payment events (SPEC §4)."""
+    """Device properties added to session, installation and payment events (docs/tracking.md)."""
 
     device_uuid: str
     os_name: str = "Linux"
@@ -87,15 +107,29 @@ class OutboundItem:
     payload: Mapping[str, Any]
 
 
-class ProjectSwitch(BaseModel):
-    """A project/mapping chosen by `anonymize`, valid while the config's own choice is unchanged."""
+class SwitchTarget(BaseModel):
+    """One project of a `ProjectSwitch`, by key (base URL without a trailing slash)."""
 
     model_config = ConfigDict(frozen=True)
 
     project_token: str
-    authorization_token: str
     base_url: str = DEFAULT_BASE_URL
-    mapping: dict[str, list[dict[str, str]]] = {}
+
+
+class ProjectSwitch(BaseModel):
+    """A project/mapping chosen by `anonymize`, valid while the config's own choice is unchanged.
+
+    Projects are named by `project_token` and `base_url` only: the state is persisted, and no
+    credential is ever written to disk; they are looked up in the current config. (A field
+    `authorization_token` in a state written by an older version is ignored, and dropped the
+    next time the state is saved.)
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    project_token: str
+    base_url: str = DEFAULT_BASE_URL
+    mapping: dict[str, list[SwitchTarget]] = {}
     config_fingerprint: str = ""
 
 
@@ -118,6 +152,10 @@ class AppState(BaseModel):
     push_token_tracked_at: float | None = None
     app_version: str | None = None
     project_switch: ProjectSwitch | None = None
+    #: When the app's last tracking command happened (its own timestamp, else its accept time),
+    #: kept while the app is in the foreground: where the session of an app that restarted
+    #: without `app_background` ended.
+    last_command_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -138,3 +138,59 @@ def test_retained_status_and_last_will(agent: AgentProcess, mosquitto: Mosquitto
         wait_for(lambda: watcher.on(status_topic)[-1] == {"online": False}, 30, "the last will")
     finally:
         watcher.close()
+
+
+def test_redirect_attack_over_mqtt_is_forbidden_and_status_shows_no_ids(
+    agent: AgentProcess, mosquitto: MosquittoBroker, api_stub: ApiStub
+) -> None:
+    """The attack as it was tried: read the app's cookie from the retained status, then
+    anonymize it towards one's own server and wait for its next identify_customer."""
+    attacker = ApiStub("127.0.0.1", 0)
+    attacker.start()
+    status_topic = f"{PREFIX}/{DEVICE}/status"
+    app_topics = f"{PREFIX}/{DEVICE}/kiosk-ui/#"
+    watcher = Subscriber(mosquitto.port, status_topic)
+    app_side = Subscriber(mosquitto.port, app_topics)
+    try:
+        identify = {"command": "identify_customer", "ids": {"registered": "jane@example.com"}}
+        publish(mosquitto, "kiosk-ui", json.dumps(identify))
+        wait_for(lambda: "kiosk-ui" in agent.status()["apps"], 15, "kiosk-ui's state")
+        customer = agent.request({"command": "get_customer", "app": "kiosk-ui"})["result"]
+        wait_for(
+            lambda: any("kiosk-ui" in s.get("apps", {}) for s in watcher.on(status_topic)),
+            30,
+            "a retained status listing kiosk-ui",
+        )
+        published = json.dumps(watcher.on(status_topic))
+        assert customer["ids"]["cookie"] not in published
+        assert "jane@example.com" not in published
+
+        redirect = {"project_token": "proj-a", "base_url": attacker.url}
+        command = {"command": "anonymize", "project": redirect, "request_id": "evil"}
+        publish(mosquitto, "kiosk-ui", json.dumps(command))
+        error_topic = f"{PREFIX}/{DEVICE}/kiosk-ui/error"
+        reply_topic = f"{PREFIX}/{DEVICE}/kiosk-ui/reply"
+        wait_for(lambda: app_side.on(error_topic), 15, "the error message")
+        (error,) = app_side.on(error_topic)
+        assert error["request_id"] == "evil" and error["error"]["code"] == "forbidden"
+        wait_for(lambda: app_side.on(reply_topic), 15, "the reply")
+        assert app_side.on(reply_topic)[0]["error"]["code"] == "forbidden"
+
+        phone = {"command": "identify_customer", "ids": {"phone": "+421900000000"}}
+        publish(mosquitto, "kiosk-ui", json.dumps(phone))
+        wait_for(
+            lambda: any(
+                r.data.get("customer_ids", {}).get("phone") == "+421900000000"
+                for r in api_stub.received("proj-a")
+            ),
+            15,
+            "the phone number at the configured project",
+        )
+        after = agent.request({"command": "get_customer", "app": "kiosk-ui"})["result"]
+        assert after["ids"]["cookie"] == customer["ids"]["cookie"]
+        assert after["project_token"] == "proj-a"
+        assert attacker.requests() == []
+    finally:
+        app_side.close()
+        watcher.close()
+        attacker.stop()

@@ -369,3 +369,178 @@ def test_known_projects(tmp_path: Path) -> None:
         BASE_ENV,
     )
     assert {p.project_token for p in config.known_projects()} == {"a", "b", "c"}
+
+
+NAMED = """
+[project]
+project_token = "main"
+authorization_token = "main-key"
+
+[projects.payments]
+project_token = "pay"
+authorization_token_file = "pay-key"
+base_url = "https://api-payments.example.com/"
+
+[projects.eu-shop]
+project_token = "eu"
+authorization_token = "eu-key"
+base_url = "https://api.eu1.exponea.com"
+
+[mapping]
+payment = ["payments", "default"]
+
+[apps.kiosk-ui]
+project = "eu-shop"
+mapping = { banner = ["payments", { project_token = "inline", authorization_token = "i" }] }
+projects = ["payments"]
+
+[apps.pos]
+"""
+
+
+def test_named_projects_stand_wherever_a_project_is_expected(tmp_path: Path) -> None:
+    (tmp_path / "pay-key").write_text("pay-secret\n")
+    config = load_config(write(tmp_path, NAMED), BASE_ENV)
+    named = config.named_projects()
+    assert set(named) == {"default", "payments", "eu-shop"}
+    pay = named["payments"]
+    assert (pay.project_token, pay.authorization_token, pay.base_url) == (
+        "pay",
+        "pay-secret",  # *_file works inside a named project
+        "https://api-payments.example.com",
+    )
+    pos = config.app_settings("pos")
+    assert pos is not None
+    assert pos.project == named["default"]
+    assert pos.mapping["payment"] == (pay, named["default"])
+    kiosk = config.app_settings("kiosk-ui")
+    assert kiosk is not None
+    assert kiosk.project == named["eu-shop"]
+    assert [p.project_token for p in kiosk.mapping["banner"]] == ["pay", "inline"]
+    tokens = {p.project_token for p in config.known_projects()}
+    assert tokens == {"main", "pay", "eu", "inline"}
+
+
+def test_catalog_of_configured_projects_and_apps_projects(tmp_path: Path) -> None:
+    (tmp_path / "pay-key").write_text("pay-secret")
+    config = load_config(write(tmp_path, NAMED), BASE_ENV)
+    pos = config.app_settings("pos")
+    kiosk = config.app_settings("kiosk-ui")
+    assert pos is not None and kiosk is not None
+    # Every project the config names anywhere is configured, an app's inline one included.
+    configured = {key[1] for key in pos.catalog.configured}
+    assert configured == {"main", "pay", "eu", "inline"}
+    assert pos.catalog.allowed is None  # default: every configured project
+    assert kiosk.catalog.allowed == {config.named_projects()["payments"].key}
+    assert set(kiosk.catalog.named) == {"default", "payments", "eu-shop"}
+
+
+def test_projects_default_is_the_project(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            '[projects.default]\nproject_token = "d"\nauthorization_token = "k"\n'
+            '[mapping]\ninstall = ["default"]\n',
+        ),
+        BASE_ENV,
+    )
+    assert config.project is not None and config.project.project_token == "d"
+    settings = config.app_settings("x")
+    assert settings is not None and settings.project.project_token == "d"
+
+
+def test_project_name_problems(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """
+        [project]
+        project_token = "main"
+        authorization_token = "k"
+        [projects.default]
+        project_token = "other"
+        authorization_token = "k"
+        [projects.Bad_Name]
+        project_token = "b"
+        authorization_token = "k"
+        [projects.ok]
+        project_token = "ok"
+        [mapping]
+        payment = ["paymnts", 5]
+        [apps.kiosk]
+        project = "nope"
+        projects = ["default", "missing"]
+        mapping = { install = ["gone"] }
+        """,
+    )
+    assert set(found) == {
+        "projects.default",
+        "projects.Bad_Name",
+        "projects.ok.authorization_token",
+        "mapping.payment[0]",
+        "mapping.payment[1]",
+        "apps.kiosk.project",
+        "apps.kiosk.projects[1]",
+        "apps.kiosk.mapping.install[0]",
+    }
+    assert "only one" in found["projects.default"]
+    assert "invalid project name" in found["projects.Bad_Name"]
+    assert found["mapping.payment[0]"].startswith("unknown project 'paymnts' (configured: ")
+    assert "project table or the name" in found["mapping.payment[1]"]
+
+
+def test_unknown_project_name_without_any_project(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[mapping]\ninstall = ["default"]\n')
+    assert found == {
+        "mapping.install[0]": "unknown project 'default' (configured: none; "
+        "add a [projects.<name>] table)"
+    }
+
+
+def test_one_project_has_one_authorization_token(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        """
+        [project]
+        project_token = "main"
+        authorization_token = "k1"
+        [projects.again]
+        project_token = "main"
+        authorization_token = "k2"
+        base_url = "https://api.exponea.com/"
+        [projects.same]
+        project_token = "main"
+        authorization_token = "k1"
+        [projects.elsewhere]
+        project_token = "main"
+        authorization_token = "k3"
+        base_url = "https://other.example.com"
+        """,
+    )
+    assert found == {
+        "projects.again": "same project_token and base_url as project "
+        "but a different authorization_token"
+    }
+
+
+def test_named_project_env_override(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, NAMED.replace('authorization_token_file = "pay-key"', "")),
+        {
+            **BASE_ENV,
+            "ENGAGEMENT_AGENT_PROJECTS__EU_SHOP__AUTHORIZATION_TOKEN": "from-env",
+            "ENGAGEMENT_AGENT_PROJECTS__PAYMENTS__AUTHORIZATION_TOKEN": "pay-env",
+        },
+    )
+    named = config.named_projects()
+    assert named["eu-shop"].authorization_token == "from-env"
+    assert named["payments"].authorization_token == "pay-env"
+
+
+def test_max_apps(tmp_path: Path) -> None:
+    assert load_config(None, BASE_ENV).apps.max_apps == 64
+    config = load_config(write(tmp_path, "[apps]\nmax_apps = 3\n[apps.kiosk]\n"), BASE_ENV)
+    assert config.apps.max_apps == 3
+    assert set(config.apps.named()) == {"kiosk"}  # a reserved name, not an app
+    assert set(problems(tmp_path, "[apps]\nmax_apps = 0\n")) == {"apps.max_apps"}
+    found = problems(tmp_path, "[apps.max_apps]\nsession_timeout = 5\n")
+    assert set(found) == {"apps.max_apps"}

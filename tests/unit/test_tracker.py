@@ -7,12 +7,13 @@ send, the state is carried from one outcome to the next, and the clock is explic
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from agent.commands import validate_command
-from agent.errors import InvalidState
+from agent.errors import Forbidden, InvalidState
 from agent.tracker import (
     AppSettings,
     AppState,
@@ -21,6 +22,9 @@ from agent.tracker import (
     OutboundItem,
     Outcome,
     Project,
+    ProjectCatalog,
+    ProjectSwitch,
+    config_fingerprint,
     expire_session,
     handle,
     pending_timer,
@@ -30,6 +34,12 @@ T0 = 1_700_000_000.0
 MAIN = Project("main-token", "main-auth")
 PAY = Project("pay-token", "pay-auth")
 EU = Project("eu-token", "eu-auth", "https://api.eu1.exponea.com")
+NEW = Project("new-token", "new-auth")
+#: What the config names: `[project]` (MAIN), `[projects.pay]`, `[projects.eu]`, `[projects.new]`.
+CATALOG = ProjectCatalog(
+    named={"default": MAIN, "pay": PAY, "eu": EU, "new": NEW},
+    configured={project.key: project for project in (MAIN, PAY, EU, NEW)},
+)
 DEVICE = DeviceInfo(
     device_uuid="7d3c1a52-1111-4222-8333-444455556666",
     os_version="12",
@@ -64,7 +74,7 @@ class App:
     """One app as the daemon sees it: state carried over, clock and timer explicit."""
 
     def __init__(self, settings: AppSettings | None = None, device: DeviceInfo = DEVICE) -> None:
-        self.settings = settings or AppSettings(project=MAIN)
+        self.settings = settings or AppSettings(project=MAIN, catalog=CATALOG)
         self.device = device
         self.state: AppState | None = None
         self.now = T0
@@ -616,8 +626,8 @@ def test_session_open_at_restart_stays_open() -> None:
     app.restart()
     assert app.state is not None
     assert pending_timer(app.state, app.settings, T0 + 1000) is None
-    app.now += 1000
-    assert app.send("app_foreground").items == ()
+    app.now += 10
+    assert app.send("app_foreground").items == ()  # within the timeout: the same session
     assert app.state.session == "active"
 
 
@@ -853,8 +863,12 @@ def test_daily_retracks_after_24_hours() -> None:
     assert kinds(app.send("verify_push_token")) == ["notification_state"]
     app.now += 3600
     assert kinds(app.send("app_foreground")) == ["session_start"]
-    app.now += 86400
-    assert kinds(app.send("app_foreground")) == ["notification_state"]
+    app.now += 86400  # a foreground again without background: a relaunch
+    assert kinds(app.send("app_foreground")) == [
+        "session_end",
+        "session_start",
+        "notification_state",
+    ]
 
 
 def test_daily_retracks_when_the_clock_went_back_past_the_last_track() -> None:
@@ -929,15 +943,16 @@ def test_anonymize_during_open_session_with_token() -> None:
             T0 + 42,
         ),
         ("push_token", old, token_event("tok", False), T0 + 42),
-        ("install", new, {"store": "S1", **device}, T0 + 42),
-        ("session_start", new, {"store": "S1", **device}, T0 + 42),
+        # Runtime default properties survive anonymize, as in the SDKs.
+        ("install", new, {"store": "S1", "shift": "night", **device}, T0 + 42),
+        ("session_start", new, {"store": "S1", "shift": "night", **device}, T0 + 42),
         ("push_token", new, token_event("tok", True), T0 + 42),
     ]
     assert all(i.project == MAIN for i in outcome.items)
     state = app.state
     assert state is not None
     assert state.cookie == cookie(2) and state.ids == {}
-    assert state.runtime_default_properties == {}
+    assert state.runtime_default_properties == {"shift": "night"}
     assert state.session == "active" and state.session_started_at == T0 + 42
     assert state.push_token == "tok" and state.push_token_tracked_at == T0 + 42
     assert app.send("get_customer").result == {"ids": new, "project_token": "main-token"}
@@ -1006,11 +1021,20 @@ def test_anonymize_customer_property_format_clears_old_sets_new() -> None:
 
 
 SWITCHED = {"project_token": "new-token", "authorization_token": "new-auth"}
-NEW = Project("new-token", "new-auth")
+#: The anonymize a hostile app sends: a configured token, its own server.
+REDIRECT = {"project_token": "main-token", "base_url": "https://attacker.example"}
+
+
+def switched(settings: AppSettings | None = None) -> App:
+    app = installed_app(settings)
+    app.send("anonymize", project="new")
+    return app
 
 
 def test_anonymize_with_project_switches_after_the_old_customers_items() -> None:
-    settings = AppSettings(project=MAIN, mapping={"session_end": (PAY,), "install": (PAY,)})
+    settings = AppSettings(
+        project=MAIN, mapping={"session_end": (PAY,), "install": (PAY,)}, catalog=CATALOG
+    )
     app = installed_app(settings)
     app.send("track_push_token", token="tok")
     app.send("app_foreground")
@@ -1019,7 +1043,8 @@ def test_anonymize_with_project_switches_after_the_old_customers_items() -> None
         ("session_end", MAIN),
         ("session_end", PAY),
         ("push_token", MAIN),
-        ("install", NEW),  # the config's mapping is cleared by a project without mapping
+        ("install", NEW),  # a project alone keeps the current mapping
+        ("install", PAY),
         ("session_start", NEW),
         ("push_token", NEW),
     ]
@@ -1029,6 +1054,24 @@ def test_anonymize_with_project_switches_after_the_old_customers_items() -> None
     }
 
 
+def test_anonymize_by_name() -> None:
+    app = installed_app()
+    outcome = app.send("anonymize", project="eu")
+    assert [(i.event_type, i.project) for i in outcome.items] == [("install", EU)]
+
+
+def test_anonymize_object_credentials_are_ignored() -> None:
+    """An object selects a configured project by token and URL; the config's key is sent."""
+    app = installed_app()
+    outcome = app.send(
+        "anonymize", project={"project_token": "new-token", "authorization_token": "other-key"}
+    )
+    assert [i.project for i in outcome.items] == [NEW]
+    assert outcome.items[0].project.authorization_token == "new-auth"
+    outcome = app.send("anonymize", project={"project_token": "pay-token"})  # no key at all
+    assert [i.project for i in outcome.items] == [PAY]
+
+
 def test_anonymize_with_project_and_mapping() -> None:
     app = installed_app()
     outcome = app.send(
@@ -1036,12 +1079,8 @@ def test_anonymize_with_project_and_mapping() -> None:
         project=SWITCHED,
         mapping={
             "install": [
-                {**SWITCHED},
-                {
-                    "project_token": "eu-token",
-                    "authorization_token": "eu-auth",
-                    "base_url": "https://api.eu1.exponea.com/",
-                },
+                "new",
+                {"project_token": "eu-token", "base_url": "https://api.eu1.exponea.com/"},
             ]
         },
     )
@@ -1051,53 +1090,212 @@ def test_anonymize_with_project_and_mapping() -> None:
     ]
 
 
-def test_anonymize_with_mapping_only_keeps_the_config_project() -> None:
-    app = installed_app(AppSettings(project=MAIN, mapping={"payment": (PAY,)}))
-    outcome = app.send(
-        "anonymize",
-        mapping={
-            "install": [
-                {
-                    "project_token": "eu-token",
-                    "authorization_token": "eu-auth",
-                    "base_url": "https://api.eu1.exponea.com",
-                }
-            ]
-        },
-    )
+def test_anonymize_with_mapping_only_keeps_the_current_project() -> None:
+    app = installed_app(AppSettings(project=MAIN, mapping={"payment": (PAY,)}, catalog=CATALOG))
+    outcome = app.send("anonymize", mapping={"install": ["eu"]})
     assert [i.project for i in outcome.items] == [MAIN, EU]
     assert [i.project for i in app.send("track_payment", item=payment_item()).items] == [MAIN]
+    # The current project is the switched one once an anonymize chose it.
+    app.send("anonymize", project="new")
+    outcome = app.send("anonymize", mapping={"install": ["pay"]})
+    assert [i.project for i in outcome.items] == [NEW, PAY]
+
+
+def test_anonymize_without_arguments_stays_on_the_current_project_and_mapping() -> None:
+    app = installed_app()
+    app.send("anonymize", project="new", mapping={"track_event": ["eu"]})
+    outcome = app.send("anonymize")
+    assert [(i.event_type, i.project) for i in outcome.items] == [("install", NEW)]
+    assert [i.project for i in app.send("track_event", name="e").items] == [NEW, EU]
+
+
+def test_empty_mapping_clears_the_mapping() -> None:
+    app = installed_app(AppSettings(project=MAIN, mapping={"payment": (PAY,)}, catalog=CATALOG))
+    app.send("anonymize", mapping={})
+    assert [i.project for i in app.send("track_payment", item=payment_item()).items] == [MAIN]
+    assert app.state is not None and app.state.project_switch is not None
+    assert app.state.project_switch.mapping == {}
+
+
+def test_choosing_the_config_routing_is_no_switch() -> None:
+    app = switched()
+    app.send("anonymize", project="default")
+    assert app.state is not None and app.state.project_switch is None
+    assert [i.project for i in app.send("track_event", name="e").items] == [MAIN]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"project": REDIRECT},
+        {"project": {**REDIRECT, "authorization_token": "main-auth"}},
+        {"project": {"project_token": "unknown-token"}},
+        {"project": "unknown"},
+        {"project": "main-token"},  # a token is not a name
+        {"mapping": {"track_event": ["pay", REDIRECT]}},
+        {"mapping": {"install": ["nobody"]}},
+        {"project": "new", "mapping": {"payment": [REDIRECT]}},
+    ],
+)
+def test_anonymize_to_an_unconfigured_project_is_forbidden_and_changes_nothing(
+    fields: dict[str, Any],
+) -> None:
+    app = switched()
+    app.send("identify_customer", ids={"registered": "jane"})
+    app.send("track_push_token", token="tok")
+    app.send("app_foreground")
+    before = app.state
+    with pytest.raises(Forbidden, match=r"^project not configured"):
+        app.send("anonymize", **fields)
+    assert app.state is before
+    assert app.send("get_customer").result == {
+        "ids": {"cookie": cookie(2), "registered": "jane"},
+        "project_token": "new-token",
+    }
+
+
+def test_apps_projects_narrow_what_an_app_may_choose() -> None:
+    narrowed = replace(CATALOG, allowed=frozenset({PAY.key}))
+    app = installed_app(AppSettings(project=MAIN, catalog=narrowed))
+    for fields in ({"project": "eu"}, {"mapping": {"install": ["new"]}}, {"project": SWITCHED}):
+        before = app.state
+        with pytest.raises(Forbidden, match=r"^project not allowed for this app"):
+            app.send("anonymize", **fields)
+        assert app.state is before
+    assert [i.project for i in app.send("anonymize", project="pay").items] == [PAY]
+    # The project the config gives the app is always allowed.
+    outcome = app.send("anonymize", project="default", mapping={"install": ["pay"]})
+    assert [i.project for i in outcome.items] == [MAIN, PAY]
+
+
+def test_the_projects_the_config_sends_to_are_always_allowed() -> None:
+    narrowed = replace(CATALOG, allowed=frozenset({NEW.key}))
+    app = installed_app(AppSettings(project=MAIN, mapping={"payment": (EU,)}, catalog=narrowed))
+    # A project alone keeps the config's mapping, whose project the list does not name.
+    app.send("anonymize", project="new")
+    assert [i.project for i in app.send("track_payment", item=payment_item()).items] == [NEW, EU]
+    outcome = app.send("anonymize", mapping={"install": ["eu", "default"]})
+    assert [i.project for i in outcome.items] == [NEW, EU, MAIN]
+    with pytest.raises(Forbidden):
+        app.send("anonymize", mapping={"install": ["pay"]})
+
+
+def test_the_apps_own_project_is_allowed_without_a_catalog() -> None:
+    app = installed_app(AppSettings(project=EU))
+    outcome = app.send("anonymize", project={"project_token": "eu-token", "base_url": EU.base_url})
+    assert [i.project for i in outcome.items] == [EU]
+    with pytest.raises(Forbidden):
+        app.send("anonymize", project="default")
 
 
 def test_switch_persists_across_restart_until_next_anonymize() -> None:
-    app = installed_app()
-    app.send("anonymize", project=SWITCHED)
+    app = switched()
     app.restart()
     assert [i.project for i in app.send("track_event", name="e").items] == [NEW]
-    outcome = app.send("anonymize")
+    outcome = app.send("anonymize", project="default")
     assert [(i.event_type, i.project) for i in outcome.items] == [("install", MAIN)]
     assert app.state is not None and app.state.project_switch is None
 
 
-def test_config_project_change_ends_the_switch() -> None:
+def test_switch_is_stored_without_credentials() -> None:
     app = installed_app()
-    app.send("anonymize", project=SWITCHED)
+    app.send("anonymize", project=SWITCHED, mapping={"payment": ["pay", "eu"]})
+    stored = app.state.model_dump_json() if app.state is not None else ""
+    for key in ("main-auth", "new-auth", "pay-auth", "eu-auth"):
+        assert key not in stored
+    # The credentials the items carry are always the current config's.
+    app.settings = replace(
+        app.settings,
+        catalog=replace(
+            CATALOG, configured={**CATALOG.configured, NEW.key: Project("new-token", "rotated")}
+        ),
+    )
+    (item,) = app.send("track_event", name="e").items
+    assert item.project.authorization_token == "rotated"
+
+
+def test_a_switch_stored_with_a_credential_by_an_older_version_loses_it() -> None:
+    old = {
+        "cookie": cookie(1),
+        "installed": True,
+        "project_switch": {
+            "project_token": "new-token",
+            "authorization_token": "new-auth",
+            "base_url": "https://api.exponea.com",
+            "mapping": {
+                "payment": [
+                    {
+                        "project_token": "pay-token",
+                        "authorization_token": "pay-auth",
+                        "base_url": "https://api.exponea.com",
+                    }
+                ]
+            },
+        },
+    }
+    app = installed_app()
+    assert app.state is not None
+    state = AppState.model_validate(old)
+    app.state = state.model_copy(
+        update={
+            "project_switch": state.project_switch.model_copy(
+                update={"config_fingerprint": config_fingerprint(app.settings)}
+            )
+            if state.project_switch is not None
+            else None
+        }
+    )
+    assert "auth" not in app.state.model_dump_json()
+    items = app.send("track_payment", item=payment_item()).items
+    assert [i.project for i in items] == [NEW, PAY]
+
+
+@pytest.mark.parametrize(
+    "catalog",
+    [
+        ProjectCatalog(named={"default": MAIN}, configured={MAIN.key: MAIN}),  # removed
+        replace(CATALOG, allowed=frozenset({PAY.key})),  # left out of apps.<app>.projects
+    ],
+)
+def test_a_switch_ends_when_the_config_no_longer_allows_its_projects(
+    catalog: ProjectCatalog,
+) -> None:
+    app = installed_app()
+    app.send("anonymize", mapping={"track_event": ["new"]})
+    app.settings = replace(app.settings, catalog=catalog)
+    assert [i.project for i in app.send("track_event", name="e").items] == [MAIN]
+    assert app.state is not None and app.state.project_switch is None
+
+
+def test_a_switch_an_older_version_made_to_any_project_is_void() -> None:
+    app = installed_app()
+    assert app.state is not None
+    rogue = ProjectSwitch(
+        project_token="main-token",
+        base_url="https://attacker.example",
+        config_fingerprint=config_fingerprint(app.settings),
+    )
+    app.state = app.state.model_copy(update={"project_switch": rogue})
+    assert [i.project for i in app.send("track_event", name="e").items] == [MAIN]
+
+
+def test_config_project_change_ends_the_switch() -> None:
+    app = switched()
     # Credentials fixed for the same project: the switch stays.
-    app.settings = AppSettings(project=Project("main-token", "fixed-auth"))
+    app.settings = AppSettings(project=Project("main-token", "fixed-auth"), catalog=CATALOG)
     assert [i.project for i in app.send("track_event", name="e").items] == [NEW]
     # The operator points the app at another project: the config wins from now on.
-    app.settings = AppSettings(project=EU)
+    app.settings = AppSettings(project=EU, catalog=CATALOG)
     assert [i.project for i in app.send("track_event", name="e").items] == [EU]
     assert app.state is not None and app.state.project_switch is None
     # Going back to the old config does not resurrect the switch.
-    app.settings = AppSettings(project=MAIN)
+    app.settings = AppSettings(project=MAIN, catalog=CATALOG)
     assert [i.project for i in app.send("track_event", name="e").items] == [MAIN]
 
 
 def test_config_mapping_change_ends_the_switch() -> None:
-    app = installed_app()
-    app.send("anonymize", project=SWITCHED)
-    app.settings = AppSettings(project=MAIN, mapping={"track_event": (PAY,)})
+    app = switched()
+    app.settings = AppSettings(project=MAIN, mapping={"track_event": (PAY,)}, catalog=CATALOG)
     assert app.send("get_customer").result == {
         "ids": {"cookie": cookie(2)},
         "project_token": "main-token",
@@ -1106,12 +1304,134 @@ def test_config_mapping_change_ends_the_switch() -> None:
 
 
 def test_config_change_ends_the_switch_for_a_pending_session_end() -> None:
-    app = installed_app()
-    app.send("anonymize", project=SWITCHED)
+    app = switched()
     app.send("app_foreground")
     app.send("app_background")
-    app.settings = AppSettings(project=EU)
+    app.settings = AppSettings(project=EU, catalog=CATALOG)
     assert [i.project for i in app.expire().items] == [EU]
+
+
+# --------------------------------------------------------------------------------------------
+# Relaunch: a foreground while already in the foreground
+
+
+def test_relaunch_after_a_silent_timeout_ends_the_session_at_the_last_command() -> None:
+    app = installed_app(AppSettings(project=MAIN, session_timeout=20.0))
+    app.send("app_foreground")
+    app.now = T0 + 5
+    app.send("track_event", name="tap", timestamp=T0 + 7)  # its own time counts
+    app.now = T0 + 9
+    app.send("get_customer")  # queries do not count
+    app.restart()  # the agent may restart in between: the rule needs only the state
+    app.now = T0 + 27
+    outcome = app.send("app_foreground")
+    assert kinds(outcome) == ["session_end", "session_start"]
+    end, start = unique(outcome.items)
+    assert data(end)["timestamp"] == T0 + 7
+    assert data(end)["properties"]["duration"] == 7.0
+    assert data(start)["timestamp"] == T0 + 27
+    assert app.state is not None and app.state.session_started_at == T0 + 27
+
+
+def test_relaunch_uses_the_accept_time_of_a_command_without_timestamp() -> None:
+    app = installed_app()
+    app.send("app_foreground")
+    app.now = T0 + 3
+    app.send("identify_customer", ids={"registered": "jane"})
+    app.now = T0 + 30
+    outcome = app.send("app_foreground", timestamp=T0 + 23)  # measured to its own time
+    end, start = unique(outcome.items)
+    assert (data(end)["timestamp"], data(end)["properties"]["duration"]) == (T0 + 3, 3.0)
+    assert data(start)["timestamp"] == T0 + 23
+
+
+def test_relaunch_within_the_timeout_continues_the_session() -> None:
+    app = installed_app()
+    app.send("app_foreground")
+    app.now = T0 + 15
+    app.send("track_event", name="tap")
+    app.now = T0 + 34.9  # 19.9 s after the last command, though 34.9 s after the start
+    assert app.send("app_foreground").items == ()
+    assert app.state is not None and app.state.session_started_at == T0
+
+
+def test_relaunch_stamped_before_the_start_has_zero_duration() -> None:
+    app = installed_app()
+    app.send("app_foreground", timestamp=T0 + 50)
+    app.send("track_event", name="late", timestamp=T0 + 10)
+    app.now = T0 + 100
+    end = unique(app.send("app_foreground").items)[0]
+    assert data(end)["timestamp"] == T0 + 50 and data(end)["properties"]["duration"] == 0.0
+
+
+def test_relaunch_does_not_touch_manual_sessions() -> None:
+    app = installed_app(MANUAL)
+    app.send("app_foreground")
+    app.send("track_session_start")
+    app.now = T0 + 1000
+    assert app.send("app_foreground").items == ()
+    assert app.state is not None and app.state.session == "active"
+
+
+def test_relaunch_verifies_the_token_for_the_new_session() -> None:
+    app = installed_app(AppSettings(project=MAIN, token_track_frequency="every_launch"))
+    app.send("track_push_token", token="tok")
+    app.send("app_foreground")
+    app.now = T0 + 60
+    assert kinds(app.send("app_foreground")) == [
+        "session_end",
+        "session_start",
+        "notification_state",
+    ]
+
+
+def test_the_last_command_is_remembered_only_in_the_foreground() -> None:
+    """An app that never reports its lifecycle costs no state write per event."""
+    app = installed_app()
+    before = app.state
+    app.now = T0 + 5
+    app.send("track_event", name="tap")
+    assert app.state == before
+    app.send("app_foreground")
+    app.now = T0 + 9
+    app.send("track_event", name="tap")
+    assert app.state is not None and app.state.last_command_at == T0 + 9
+
+
+# --------------------------------------------------------------------------------------------
+# App version
+
+
+def test_first_app_version_is_stored_without_retracking_the_token() -> None:
+    app = installed_app()
+    app.send("track_push_token", token="tok")
+    assert kinds(app.send("app_foreground", app_version="1.0")) == ["session_start"]
+    assert app.state is not None and app.state.app_version == "1.0"
+
+
+@pytest.mark.parametrize("frequency", ["on_token_change", "daily", "every_launch"])
+def test_a_new_app_version_retracks_the_token_whatever_the_frequency(frequency: str) -> None:
+    settings = AppSettings(project=MAIN, token_track_frequency=frequency)  # type: ignore[arg-type]
+    app = installed_app(settings)
+    app.send("track_push_token", token="tok")
+    app.send("app_foreground", app_version="1.0")
+    app.send("app_background")
+    app.now = T0 + 5
+    outcome = app.send("app_foreground", app_version="1.1")
+    assert kinds(outcome) == ["notification_state"]  # once, even for every_launch
+    assert props(outcome, "notification_state") == token_event("tok", True)
+    assert app.state is not None and app.state.push_token_tracked_at == T0 + 5
+    app.send("app_background")
+    # The same version again is no change.
+    expected = ["notification_state"] if frequency == "every_launch" else []
+    assert kinds(app.send("app_foreground", app_version="1.1")) == expected
+
+
+def test_a_new_app_version_without_a_token_tracks_nothing() -> None:
+    app = installed_app()
+    app.send("app_foreground", app_version="1.0")
+    app.send("app_background")
+    assert app.send("app_foreground", app_version="2.0").items == ()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Property tests: random command sequences (sessions x anonymize x token frequency x restarts x
-clock jumps x config changes) driven through the core like the daemon would, checking the
-invariants a user relies on after every step and over the whole stream of items."""
+"""Property tests: random command sequences (sessions x relaunches x anonymize x project
+choices x token frequency x app versions x restarts x clock jumps x config changes) driven
+through the core like the daemon would, checking the invariants a user relies on after every
+step and over the whole stream of items."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent.commands import validate_command
-from agent.errors import InvalidState
+from agent.errors import Forbidden, InvalidState
 from agent.tracker import (
     AppSettings,
     AppState,
@@ -27,7 +28,8 @@ from agent.tracker import (
     handle,
     pending_timer,
 )
-from tests.unit.test_tracker import EU, MAIN, PAY, T0
+from agent.tracker.routing import current_state, routing
+from tests.unit.test_tracker import CATALOG, EU, MAIN, NEW, PAY, T0
 
 DEVICE = DeviceInfo(device_uuid="device-uuid", os_version="12", sdk_version="0.1.0")
 DEFAULT_KEYS = {"config_default", "runtime_default"}
@@ -55,6 +57,8 @@ push_token = st.builds(
     st.sampled_from(["track_push_token", "track_hms_push_token"]),
     st.sampled_from(["tok-a", "tok-b"]),
 )
+#: A hostile app's redirect: a configured token, its own server.
+REDIRECT = {"project_token": "main-token", "base_url": "https://attacker.example"}
 anonymize: st.SearchStrategy[dict[str, Any]] = st.sampled_from(
     [
         {"command": "anonymize"},
@@ -62,10 +66,15 @@ anonymize: st.SearchStrategy[dict[str, Any]] = st.sampled_from(
             "command": "anonymize",
             "project": {"project_token": "new-token", "authorization_token": "a"},
         },
-        {
-            "command": "anonymize",
-            "mapping": {"install": [{"project_token": "pay-token", "authorization_token": "x"}]},
-        },
+        {"command": "anonymize", "project": "eu"},
+        {"command": "anonymize", "project": "default"},
+        {"command": "anonymize", "mapping": {"install": ["pay", {"project_token": "eu-token"}]}},
+        {"command": "anonymize", "mapping": {}},
+        {"command": "anonymize", "project": "new", "mapping": {"track_event": ["pay"]}},
+        # Forbidden: not configured at all, or not among the app's projects when narrowed.
+        {"command": "anonymize", "project": REDIRECT},
+        {"command": "anonymize", "project": "unknown"},
+        {"command": "anonymize", "mapping": {"session_end": ["pay", REDIRECT]}},
     ]
 )
 others = st.one_of(
@@ -127,12 +136,21 @@ actions: st.SearchStrategy[Action] = st.one_of(
     st.sampled_from([-1.0, 0.0, 1.0]).map(lambda delta: ("stray_timer", delta)),
     st.just(("restart",)),
     st.just(("reconfigure",)),
+    # The app comes back after a crash (maybe updated): time passes, then a foreground that
+    # may find it still in the foreground.
+    st.tuples(
+        st.just("relaunch"),
+        st.sampled_from([0.5, 19.9, 20.0, 21.0, 3600.0]),
+        st.sampled_from([None, "1.0", "3.0"]),
+    ),
 )
 
 app_settings = st.builds(
-    lambda automatic, frequency, token_format, timeout, mapped, allow: AppSettings(
+    lambda automatic, frequency, token_format, timeout, mapped, allow, narrowed: AppSettings(
         project=MAIN,
         mapping={"session_end": (PAY,), "push_token": (PAY, MAIN)} if mapped else {},
+        # apps.<app>.projects = ["new", "pay"] when narrowed.
+        catalog=replace(CATALOG, allowed=frozenset({NEW.key, PAY.key}) if narrowed else None),
         session_timeout=timeout,
         automatic_session_tracking=automatic,
         token_track_frequency=frequency,
@@ -144,6 +162,7 @@ app_settings = st.builds(
     st.sampled_from(["on_token_change", "every_launch", "daily"]),
     st.sampled_from(["notification_state", "customer_property"]),
     st.sampled_from([1.0, 20.0]),
+    st.booleans(),
     st.booleans(),
     st.booleans(),
 )
@@ -159,6 +178,8 @@ class Daemon:
     timer: tuple[float, float] | None = None  # (deadline, background_at)
     log: list[tuple[str, OutboundItem]] = field(default_factory=list)  # (command, item)
     uuids: count[int] = field(default_factory=lambda: count(1))
+    #: The app's last tracking command's time, kept here independently of the core.
+    last_command_at: float | None = None
 
     def ctx(self) -> Context:
         return Context(now=self.now, new_uuid=lambda: f"{next(self.uuids):08X}-AAAA-4AAA-8AAA-A")
@@ -248,6 +269,14 @@ def run_command(daemon: Daemon, document: dict[str, Any]) -> None:
         assert document["command"] in ("track_session_start", "track_session_end")
         assert (before.model_dump_json() if before is not None else None) == dumped
         return
+    except Forbidden:
+        # Only a project the app may not use is refused, and nothing changes.
+        assert document["command"] == "anonymize" and not may_use(document, app)
+        assert (before.model_dump_json() if before is not None else None) == dumped
+        event("anonymize forbidden")
+        return
+    if document["command"] == "anonymize":
+        assert may_use(document, app)
     name = document["command"]
     if name in ("track_session_start", "track_session_end"):
         assert not app.automatic_session_tracking
@@ -260,7 +289,11 @@ def run_command(daemon: Daemon, document: dict[str, Any]) -> None:
         old = before.cookie if before is not None else None
         assert all(data(i)["customer_ids"]["cookie"] == old for i in items[:install])
         assert cookie_after != old
-        assert outcome.state.ids == {} and outcome.state.runtime_default_properties == {}
+        assert outcome.state.ids == {}
+        # Runtime defaults survive anonymize, as in the SDKs.
+        kept = before.runtime_default_properties if before is not None else {}
+        assert outcome.state.runtime_default_properties == kept
+        check_anonymize_routing(before, outcome, app, document)
     else:
         assert all(data(i)["customer_ids"]["cookie"] == cookie_after for i in items)
     # Routing: every payload goes first to the app's project, which is the config's unless a
@@ -268,6 +301,9 @@ def run_command(daemon: Daemon, document: dict[str, Any]) -> None:
     switch = outcome.state.project_switch
     if switch is not None:
         assert switch.config_fingerprint == config_fingerprint(app)
+        # Every project of a switch is one this app may use.
+        targets = [switch, *(t for entries in switch.mapping.values() for t in entries)]
+        assert all(usable((t.base_url, t.project_token), app) for t in targets)
     if name != "anonymize":
         main = switch.project_token if switch is not None else app.project.project_token
         assert all(group[0].project.project_token == main for group in _group(outcome.items))
@@ -300,12 +336,16 @@ def run_command(daemon: Daemon, document: dict[str, Any]) -> None:
             if document.get("timestamp", daemon.now) - before.background_at < app.session_timeout:
                 # Back within the timeout, or the clock went backwards: the session goes on.
                 assert not [i for i in items if kind(i).startswith("session_")]
+    if name == "app_foreground" and app.automatic_session_tracking and before is not None:
+        check_relaunch(before, items, app, daemon, document.get("timestamp", daemon.now))
     if name == "anonymize" and before is not None and before.push_token is not None:
         # The token leaves the old customer (invalidated) and follows the new one.
         tokens = [i for i in items if i.event_type == "push_token"]
         assert [data(i)["customer_ids"]["cookie"] for i in tokens] == [before.cookie, cookie_after]
         assert [token_value(i) for i in tokens] == [None, before.push_token]
     daemon.apply(name, outcome)
+    if name != "get_customer":
+        daemon.last_command_at = document.get("timestamp", daemon.now)
 
 
 def token_value(item: OutboundItem) -> str | None:
@@ -315,6 +355,84 @@ def token_value(item: OutboundItem) -> str | None:
         return properties["push_notification_token"] if properties["valid"] else None
     (value,) = properties.values()
     return str(value) or None
+
+
+def key_of(ref: Any) -> tuple[str, str] | None:
+    """The configured project a reference names, by key; None when it names none."""
+    if isinstance(ref, str):
+        named = CATALOG.named.get(ref)
+        return named.key if named is not None else None
+    key = (ref.get("base_url", "https://api.exponea.com").rstrip("/"), ref["project_token"])
+    return key if key in CATALOG.configured else None
+
+
+def may_use(document: dict[str, Any], app: AppSettings) -> bool:
+    """The rule written out independently of the core: configured, and allowed for this app
+    (the projects its config sends to always)."""
+    refs = [document["project"]] if "project" in document else []
+    for entries in document.get("mapping", {}).values():
+        refs.extend(entries)
+    return all(usable(key_of(ref), app) for ref in refs)
+
+
+def usable(key: tuple[str, str] | None, app: AppSettings) -> bool:
+    own = {app.project.key, *(p.key for projects in app.mapping.values() for p in projects)}
+    if key in own:
+        return True
+    allowed = app.catalog.allowed
+    return key in CATALOG.configured and (allowed is None or key in allowed)
+
+
+def mapping_keys(mapping: Any) -> dict[str, list[tuple[str, str]]]:
+    return {c: [p.key for p in projects] for c, projects in mapping.items() if projects}
+
+
+def check_anonymize_routing(
+    before: AppState | None, outcome: Outcome, app: AppSettings, document: dict[str, Any]
+) -> None:
+    """No project keeps the current project, no mapping the current mapping (a switch made
+    earlier included); a given one replaces it; the old customer's items used the old ones."""
+    old_project, old_mapping = routing(current_state(before, app), app)
+    new_project, new_mapping = routing(outcome.state, app)
+    if "project" in document:
+        assert new_project.key == key_of(document["project"])
+    else:
+        assert new_project.key == old_project.key
+    if "mapping" in document:
+        expected = {
+            category: [key_of(ref) for ref in refs]
+            for category, refs in document["mapping"].items()
+            if refs
+        }
+        assert mapping_keys(new_mapping) == expected
+    else:
+        assert mapping_keys(new_mapping) == mapping_keys(old_mapping)
+    groups = _group(outcome.items)
+    install = [kind(group[0]) for group in groups].index("installation")
+    assert all(group[0].project.key == old_project.key for group in groups[:install])
+    assert all(group[0].project.key == new_project.key for group in groups[install:])
+
+
+def check_relaunch(
+    before: AppState, items: list[OutboundItem], app: AppSettings, daemon: Daemon, at: float
+) -> None:
+    """A foreground while already in the foreground: after a silent timeout the old session
+    ends at the app's last tracking command and a new one starts; otherwise it continues."""
+    if not (before.in_foreground and before.session == "active"):
+        return
+    sessions = [i for i in items if kind(i).startswith("session_")]
+    last = daemon.last_command_at
+    assert last is not None
+    if at - last >= app.session_timeout:
+        assert [kind(i) for i in sessions] == ["session_end", "session_start"]
+        assert before.session_started_at is not None
+        end = max(last, before.session_started_at)
+        assert data(sessions[0])["timestamp"] == end
+        assert data(sessions[1])["timestamp"] == at
+        event("relaunch: stale session ended")
+    else:
+        assert sessions == []
+        event("relaunch: session continues")
 
 
 def check_token_frequency(
@@ -327,6 +445,13 @@ def check_token_frequency(
     tokens = [i for i in unique(outcome.items) if i.event_type == "push_token"]
     if before is None or before.push_token is None:
         assert tokens == []
+        return
+    version = document.get("app_version")
+    foreground = document["command"] == "app_foreground"
+    if foreground and before.app_version and version and version != before.app_version:
+        # A new app version re-tracks the token once, whatever the frequency.
+        assert [token_value(i) for i in tokens] == [before.push_token]
+        event("app version changed: token re-tracked")
         return
     if app.token_track_frequency == "on_token_change":
         assert tokens == []
@@ -405,6 +530,10 @@ def test_random_sequences_keep_the_invariants(app: AppSettings, steps: list[Acti
                 assert 0.0 <= delay <= app.session_timeout
                 assert daemon.state.background_at is not None
                 daemon.timer = (daemon.now + delay, daemon.state.background_at)
+        elif step[0] == "relaunch":
+            daemon.now += step[1]
+            version = {"app_version": step[2]} if step[2] is not None else {}
+            run_command(daemon, {"command": "app_foreground", **version})
         elif step[0] == "reconfigure":
             app = daemon.settings = replace(app, project=EU if app.project == MAIN else MAIN)
     check_stream(

@@ -39,6 +39,20 @@ def test_batch_body_refuses_empty_and_oversized_batches(count: int) -> None:
         wire.batch_body([b"{}"] * count)
 
 
+@pytest.mark.parametrize(
+    ("configured", "header"),
+    [
+        ("abc123", "Token abc123"),
+        ("Token abc123", "Token abc123"),  # as the SDK documentation writes it
+        ("Bearer eyJhbGciOi", "Bearer eyJhbGciOi"),
+        ("Tokenabc", "Token Tokenabc"),  # only the word and a space count
+        ("token abc", "Token token abc"),
+    ],
+)
+def test_authorization_header_is_never_prefixed_twice(configured: str, header: str) -> None:
+    assert wire.authorization_header(configured) == header
+
+
 def test_batch_path_percent_encodes_the_token() -> None:
     assert wire.batch_path("abc-123") == "/track/v2/projects/abc-123/batch"
     assert wire.batch_path("a/../b?x") == "/track/v2/projects/a%2F..%2Fb%3Fx/batch"
