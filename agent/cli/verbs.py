@@ -74,6 +74,16 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def project_choice(text: str) -> str | dict[str, Any]:
+    """`--project NAME` (a project the agent's config names), or a JSON object selecting one
+    by `project_token` and `base_url`."""
+    if text.lstrip().startswith("{"):
+        return json_object(text)
+    if not text:
+        raise argparse.ArgumentTypeError("expected a project name or a JSON object")
+    return text
+
+
 def timestamp(text: str) -> float:
     """Unix seconds, or ISO 8601 (`2024-05-01T12:00:00Z`; without an offset: local time)."""
     try:
@@ -190,18 +200,27 @@ def command_verbs() -> tuple[Verb, ...]:
             "anonymize",
             "forget the customer and start a new anonymous one",
             f"  {p} anonymize --app kiosk-ui\n"
-            f'  {p} anonymize --project \'{{"project_token": "t", '
-            '"authorization_token": "a"}\'',
+            f"  {p} anonymize --project eu-shop --app kiosk-ui\n"
+            f'  {p} anonymize --project eu-shop --mapping \'{{"payment": ["payments"]}}\'',
             (
                 Arg(
                     ("--project",),
                     "project",
-                    {"type": json_object, "metavar": "JSON", "help": "switch to this project"},
+                    {
+                        "type": project_choice,
+                        "metavar": "NAME|JSON",
+                        "help": "switch to this project of the config (its name, or a JSON object "
+                        "with project_token and base_url)",
+                    },
                 ),
                 Arg(
                     ("--mapping",),
                     "mapping",
-                    {"type": json_object, "metavar": "JSON", "help": "and this event-type mapping"},
+                    {
+                        "type": json_object,
+                        "metavar": "JSON",
+                        "help": "and this event-type mapping (to project names of the config)",
+                    },
                 ),
             ),
         ),

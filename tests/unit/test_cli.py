@@ -170,6 +170,8 @@ def cli(capsys: pytest.CaptureFixture[str], agent: FakeAgent) -> Run:
          {"command": "identify_customer", "ids": {"registered": "jane@example.com", "crm": "42"},
           "properties": {"age": 30}}),
         (["anonymize", "--app", "a1"], {"command": "anonymize", "app": "a1"}),
+        (["anonymize", "--project", "eu-shop", "--mapping", '{"payment": ["payments"]}'],
+         {"command": "anonymize", "project": "eu-shop", "mapping": {"payment": ["payments"]}}),
         (["anonymize", "--project", '{"project_token": "t", "authorization_token": "k"}',
           "--mapping", '{"payment": []}'],
          {"command": "anonymize", "project": {"project_token": "t", "authorization_token": "k"},
