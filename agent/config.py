@@ -243,6 +243,12 @@ class SyncConfig(_Section):
     timeout: Annotated[float, Field(gt=0)] = 30.0
     #: Requests per second per project; 0 turns pacing off. The API allows ~100/s per IP.
     max_requests_per_second: Annotated[float, Field(ge=0)] = 20.0
+    #: Seconds between attempts (jittered ±50%) while the API cannot be reached at all.
+    probe_interval: Annotated[float, Field(ge=0.1, le=3600)] = 15.0
+    #: In flush_mode "immediate", how long a batch that is not full waits for more items.
+    linger: Annotated[float, Field(ge=0, le=60)] = 1.0
+    #: HTTP proxy URL for the API; "" uses HTTPS_PROXY/HTTP_PROXY/NO_PROXY from the environment.
+    proxy: Annotated[str, Field(max_length=2048, pattern=r"^(|https?://[^\s/]+/?)$")] = ""
 
 
 class MqttConfig(_Section):

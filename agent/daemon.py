@@ -99,6 +99,7 @@ class Daemon:
         self.intake: Intake
         self.server: SocketServer
         self.mqtt: Any = None
+        self._mqtt_up = False  # as last seen: a change to up is a network hint for sync
         self._loop: asyncio.AbstractEventLoop
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -172,8 +173,17 @@ class Daemon:
             return
         from agent.mqtt import MqttAdapter
 
-        self.mqtt = MqttAdapter(self.config, self.intake, self._loop, self.status)
+        self.mqtt = MqttAdapter(self.config, self.intake, self._loop, self._mqtt_status)
         self.mqtt.start()
+
+    def _mqtt_status(self) -> dict[str, Any]:
+        """Status for the MQTT adapter, which asks for it on every (re)connect (the retained
+        status is published then). A link that came up since the watchdog last saw it down is
+        the hint that the network is back: sync probes an unreachable API at once."""
+        if not self._mqtt_up:
+            self._mqtt_up = True
+            self.syncer.network_hint()
+        return self.status()
 
     def _install_signals(self) -> None:
         self._loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -266,6 +276,7 @@ class Daemon:
                 self.notifier.watchdog()
             else:
                 log.error("the database writer makes no progress; not petting the watchdog")
+            self._mqtt_up = self._mqtt_up and self.mqtt is not None and self.mqtt.connected
             line = self._status_line()
             if line != status_line:
                 self.notifier.status(line)

@@ -1,4 +1,4 @@
-"""The Engagement batch API on the wire (SPEC §6, §11), as pure functions.
+"""The Engagement batch API on the wire (docs/sync.md), as pure functions.
 
 Nothing here does I/O or reads a clock: the uploader (`agent.sync`) passes the response it got
 and the wall time, and gets back a `Verdict` saying what to do with the batch. Keeping the
@@ -18,19 +18,20 @@ from datetime import timezone
 from typing import Any
 from urllib.parse import quote
 
-#: The API refuses larger batches (SPEC §6).
+#: The API refuses larger batches (docs/sync.md).
 MAX_BATCH_COMMANDS = 50
-#: `Retry-After` is honoured even above `sync.max_backoff`, but never longer than this (SPEC §11).
+#: `Retry-After` is honoured even above `sync.max_backoff`, but never longer than this
+#: (docs/sync.md).
 MAX_RETRY_AFTER = 900.0
 #: Error texts are stored with dead letters and shown in status; a hostile or broken server
 #: must not be able to make them arbitrarily large.
 MAX_ERROR_TEXT = 1000
 
 #: Whole-batch 400 bodies that mean "your credentials or project are wrong", not "a command is
-#: bad" (SPEC §11). Matched case-insensitively anywhere in the body.
+#: bad" (docs/sync.md). Matched case-insensitively anywhere in the body.
 AUTH_FAILURE_MARKERS = ("could not authenticate", "invalid project id")
 
-#: Statuses after which the same batch may succeed later (REFERENCE: retry with backoff).
+#: Statuses after which the same batch may succeed later (docs/sync.md).
 _RETRY_STATUSES = frozenset({408, 429})
 #: Statuses meaning "this batch is too big or one of its commands is refused": bisect it.
 _SPLIT_STATUSES = frozenset({400, 413, 422})
@@ -104,6 +105,23 @@ class Verdict:
         return sum(1 for result in self.results if result.success)
 
 
+def parse_http_date(value: str | None) -> float | None:
+    """An HTTP-date (RFC 9110: `Date`, `Retry-After`) as epoch seconds; None if absent or
+    unparseable. Dates without a zone (obsolete forms) are taken as GMT, as the RFC says."""
+    if value is None or not value.strip():
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        return when.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait according to a `Retry-After` header, clamped to 0-900; None if absent
     or unparseable (the caller then falls back to its own backoff).
@@ -121,19 +139,41 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     try:
         seconds = float(text)
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError, OverflowError):
+        when = parse_http_date(text)
+        if when is None:
             return None
-        if when.tzinfo is None:  # RFC 9110 dates are GMT; obsolete forms may lack a zone
-            when = when.replace(tzinfo=timezone.utc)
-        try:
-            seconds = when.timestamp() - now
-        except (OverflowError, OSError, ValueError):
-            return None
+        seconds = when - now
     if math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def request_headers(token: str, user_agent: str, *, body: bool) -> dict[str, str]:
+    """Headers of a request to the tracking API (docs/sync.md)."""
+    headers = {"Authorization": authorization_header(token), "User-Agent": user_agent}
+    if body:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
+def time_path(project_token: str) -> str:
+    """The API clock's path (`GET`, authorized like tracking)."""
+    return f"/track/v2/projects/{quote(project_token, safe='')}/system/time"
+
+
+def parse_time(body: bytes) -> float | None:
+    """The API's time from a `system/time` answer (`{"success": true, "time": <float>}`);
+    None unless it is a finite number."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(parsed, Mapping) or parsed.get("success") is not True:
+        return None
+    value = parsed.get("time")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _error_text(value: Any) -> str:
@@ -213,7 +253,7 @@ def classify(
     retry_after: str | None = None,
     now: float = 0.0,
 ) -> Verdict:
-    """Decide what a response to a batch of `sent` commands means (SPEC §6, §11).
+    """Decide what a response to a batch of `sent` commands means (docs/sync.md).
 
     - 2xx: per-command results (a broken results list is retried: never ack blindly).
     - 408, 429, 5xx: retry the whole batch, honouring `Retry-After` (wall time `now` is only
@@ -243,18 +283,6 @@ def classify(
     return Verdict(Action.RETRY, f"unexpected HTTP status {status}", retry_after=wait)
 
 
-def backoff_delay(attempt: int, cap: float, uniform: float, base: float = 1.0) -> float:
-    """Exponential backoff with full jitter: `uniform` in [0, 1) picks a point in
-    [0, min(cap, base * 2**attempt)).
-
-    Full jitter spreads a fleet that lost its uplink at the same moment over the whole window
-    instead of having every device reconnect in lockstep. `attempt` counts consecutive
-    failures from 0 and is bounded here so huge values cannot overflow.
-    """
-    ceiling = min(cap, base * 2.0 ** min(max(attempt, 0), 62))
-    return max(0.0, min(ceiling, ceiling * uniform))
-
-
 __all__ = [
     "AUTH_FAILURE_MARKERS",
     "MAX_BATCH_COMMANDS",
@@ -262,10 +290,14 @@ __all__ = [
     "Action",
     "CommandResult",
     "Verdict",
-    "backoff_delay",
+    "authorization_header",
     "batch_body",
     "batch_path",
     "classify",
     "is_auth_failure",
+    "parse_http_date",
     "parse_retry_after",
+    "parse_time",
+    "request_headers",
+    "time_path",
 ]

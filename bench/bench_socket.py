@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from tests.fixtures.daemon import AgentProcess  # noqa: E402
 
 TOKEN, KEY = "bench-project", "bench-key"
+STUB_COMMAND = (sys.executable, "-m", "agent_devtools.apistub")
 CHUNK_BYTES = 64 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -95,7 +96,7 @@ def running_daemon(
 def api_stub() -> Iterator[str]:
     """`engagement-api-stub` in its own process (its CPU does not share the daemon's GIL)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.apistub", "--port", "0", "--project", f"{TOKEN}:{KEY}"],
+        [*STUB_COMMAND, "--port", "0", "--project", f"{TOKEN}:{KEY}"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,

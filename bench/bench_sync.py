@@ -34,6 +34,7 @@ from agent.sync import Syncer
 from agent.tracker.model import OutboundItem, Project
 
 TOKEN, KEY = "bench-project", "bench-key"
+STUB_COMMAND = (sys.executable, "-m", "agent_devtools.apistub")
 
 
 def make_item(project: Project, n: int) -> OutboundItem:
@@ -70,7 +71,7 @@ def enqueue(items: list[OutboundItem], txn: Txn) -> None:
 
 def start_stub() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.apistub", "--port", "0", "--project", f"{TOKEN}:{KEY}"],
+        [*STUB_COMMAND, "--port", "0", "--project", f"{TOKEN}:{KEY}"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,

@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.daemon",
     "tests.fixtures.api",
     "tests.fixtures.mosquitto",
+    "tests.fixtures.tinyproxy",
+    "tests.fixtures.sync",
 ]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.apistub import ApiStub
+from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
 from tests.fixtures.daemon import REPO, AgentProcess, wait_for
 

@@ -9,116 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub, Match
-from agent.config import AgentConfig
-from agent.store import Store, Txn
-from agent.sync import USER_AGENT, Syncer
-from agent.tracker.model import UNCONFIGURED_PROJECT, OutboundItem, Project
-from tests.fixtures.daemon import wait_for
-
-TIMEOUT = 15.0
-
-
-def eventually(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Wait for a condition of the store or syncer (they have no change notification)."""
-    return wait_for(condition, timeout, what)
-
-
-def event(seq: int, event_type: str = "test", **properties: Any) -> dict[str, Any]:
-    return {
-        "name": "customers/events",
-        "data": {
-            "customer_ids": {"cookie": "3f1c0e9a-0000-4000-8000-000000000000"},
-            "event_type": event_type,
-            "timestamp": 1_700_000_000.0 + seq,
-            "properties": {"seq": seq, **properties},
-        },
-    }
-
-
-class Harness:
-    """A store, a syncer and helpers; `config` overrides are merged into a small-backoff base."""
-
-    def __init__(self, tmp_path: Path, stub: ApiStub) -> None:
-        self.tmp_path = tmp_path
-        self.stub = stub
-        self.store: Store | None = None
-        self.syncer: Syncer | None = None
-
-    def project(self, token: str = "proj-a", key: str = "key-a") -> Project:
-        return Project(token, key, self.stub.url)
-
-    def config(self, **sync: Any) -> AgentConfig:
-        return self.config_with(self.project(), **sync)
-
-    def config_with(self, project: Project | None, **sync: Any) -> AgentConfig:
-        data: dict[str, Any] = {
-            "queue": {"path": str(self.tmp_path / "queue.db"), "durability": "normal"},
-            "sync": {"max_backoff": 1.0, "max_requests_per_second": 0, "timeout": 10.0, **sync},
-        }
-        if project is not None:
-            data["project"] = {
-                "project_token": project.project_token,
-                "authorization_token": project.authorization_token,
-                "base_url": project.base_url,
-            }
-        return AgentConfig.model_validate(data)
-
-    def open_store(self, config: AgentConfig) -> Store:
-        store = Store(config.queue)
-        store.open()
-        self.store = store
-        return store
-
-    def start(self, config: AgentConfig, *, start_syncer: bool = True) -> tuple[Store, Syncer]:
-        store = self.store or self.open_store(config)
-        syncer = Syncer(store, config, rng=random.Random(7))
-        store.on_enqueued = syncer.notify
-        self.syncer = syncer
-        if start_syncer:
-            syncer.start()
-        return store, syncer
-
-    def enqueue(self, project: Project, payloads: list[dict[str, Any]]) -> None:
-        assert self.store is not None
-        items = [OutboundItem(project, "track_event", p) for p in payloads]
-        self.store.submit(lambda txn: txn.enqueue(items, time.time())).result()
-
-    def queued(self) -> int:
-        assert self.store is not None
-        return self.store.stats().items
-
-    def close(self) -> None:
-        self.stub.release_hangs()
-        if self.syncer is not None:
-            self.syncer.stop(2.0)
-        if self.store is not None:
-            self.store.close()
-
-
-@pytest.fixture
-def harness(tmp_path: Path, api_stub: ApiStub) -> Iterator[Harness]:
-    h = Harness(tmp_path, api_stub)
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-def project_state(syncer: Syncer, token: str = "proj-a") -> dict[str, Any]:
-    """The project's status entry; an empty one until its worker exists."""
-    for entry in syncer.status()["projects"]:
-        if entry["project_token"] == token:
-            return entry  # type: ignore[no-any-return]
-    return {"state": None, "last_error": None, "next_attempt": None, "sent": 0}
+from agent.store import Txn
+from agent.sync import USER_AGENT
+from agent.tracker.model import UNCONFIGURED_PROJECT
+from agent_devtools.apistub import ApiStub, Match
+from tests.fixtures.sync import TIMEOUT, Harness, event, eventually, project_state
 
 
 def seqs(stub: ApiStub, project: str | None = None) -> list[int]:
@@ -262,7 +161,7 @@ def test_a_hung_request_does_not_delay_other_projects(harness: Harness) -> None:
     stub = harness.stub
     stub.hang_next(1, 60, project="proj-a")
     a, b = harness.project("proj-a", "key-a"), harness.project("proj-b", "key-b")
-    config = harness.config_with(a)
+    config = harness.config_with(a, also=(b,))
     harness.open_store(config)
     harness.enqueue(a, [event(i) for i in range(5)])
     harness.enqueue(b, [event(100 + i) for i in range(5)])
@@ -278,7 +177,7 @@ def test_items_queued_before_any_project_wait_for_one(harness: Harness) -> None:
     config = harness.config_with(None)
     _, syncer = harness.start(config)
     harness.enqueue(UNCONFIGURED_PROJECT, [event(i) for i in range(7)])
-    eventually(lambda: project_state(syncer, "")["state"] == "paused", "pause")
+    eventually(lambda: project_state(syncer, "")["state"] == "unconfigured", "held")
     assert project_state(syncer, "")["last_error"] == "no project configured"
     assert stub.requests() == []
     syncer.reload(harness.config())
@@ -288,17 +187,53 @@ def test_items_queued_before_any_project_wait_for_one(harness: Harness) -> None:
 
 def test_new_project_rows_get_a_worker_on_notify(harness: Harness) -> None:
     stub = harness.stub
-    harness.start(harness.config())
-    harness.enqueue(harness.project("proj-b", "key-b"), [event(1)])
+    b = harness.project("proj-b", "key-b")
+    harness.start(harness.config(also=(b,)))
+    harness.enqueue(b, [event(1)])
     assert stub.wait_received(1, TIMEOUT, project="proj-b")
+
+
+def test_items_of_a_project_no_longer_configured_are_held_until_it_is_again(
+    harness: Harness,
+) -> None:
+    stub = harness.stub
+    b = harness.project("proj-b", "key-b")
+    _, syncer = harness.start(harness.config())
+    harness.enqueue(b, [event(i) for i in range(4)])
+    eventually(lambda: project_state(syncer, "proj-b")["state"] == "unconfigured", "held")
+    assert project_state(syncer, "proj-b")["last_error"] == "project not configured"
+    harness.enqueue(b, [event(4)])  # more items for it: still held, still nothing sent
+    harness.enqueue(harness.project(), [event(100)])  # a configured project is not held up
+    assert stub.wait_received(1, TIMEOUT, project="proj-a")
+    eventually(lambda: harness.queued() == 5, "proj-a's item acknowledged")
+    assert stub.requests("proj-b") == []
+    syncer.reload(harness.config(also=(b,)))
+    assert stub.wait_received(5, TIMEOUT, project="proj-b")
+    eventually(lambda: harness.queued() == 0, "queue drained")
+
+
+def test_credentials_come_from_the_current_config(harness: Harness) -> None:
+    """The store keeps no authorization token: a key changed in the config is what the next
+    request carries, also for items queued before the change."""
+    stub = harness.stub
+    stub.add_project("proj-a", "key-new")
+    _, syncer = harness.start(harness.config(flush_mode="manual"))
+    harness.enqueue(harness.project(), [event(i) for i in range(3)])
+    syncer.flush(wait=True)
+    assert project_state(syncer)["state"] == "paused"
+    syncer.reload(
+        harness.config_with(harness.project("proj-a", "Token key-new"), flush_mode="manual")
+    )
+    assert syncer.flush(wait=True) == {"flushed": 3, "remaining": 0}
 
 
 def test_flush_wait_sends_everything_and_counts_accepted(harness: Harness) -> None:
     stub = harness.stub
     stub.fail_commands(Match(event_type="bad"))
-    _, syncer = harness.start(harness.config(flush_mode="manual"))
+    b = harness.project("proj-b", "key-b")
+    _, syncer = harness.start(harness.config(flush_mode="manual", also=(b,)))
     harness.enqueue(harness.project(), [event(i, "bad" if i == 5 else "test") for i in range(75)])
-    harness.enqueue(harness.project("proj-b", "key-b"), [event(i) for i in range(10)])
+    harness.enqueue(b, [event(i) for i in range(10)])
     assert stub.requests() == []  # manual: nothing without flush
     result = syncer.flush(wait=True)
     assert result == {"flushed": 84, "remaining": 0}

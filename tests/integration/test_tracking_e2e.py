@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub
+from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
 

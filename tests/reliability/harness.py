@@ -25,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from agent.apistub import ApiStub
+from agent_devtools.apistub import ApiStub
 from tests.fixtures.daemon import AgentProcess, wait_for
 
 #: The event type every producer uses; other events (installation, sessions) are ignored.

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub, Fault
 from agent.sync import MAX_ACKS_IN_FLIGHT
+from agent_devtools.apistub import ApiStub, Fault
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.reliability.harness import (

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.apistub import ApiStub
+from agent_devtools.apistub import ApiStub
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.reliability.harness import (
     EVENT,

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.apistub import ApiStub
+from agent_devtools.apistub import ApiStub
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 from tests.reliability.harness import (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.apistub import ApiStub, Fault
+from agent_devtools.apistub import ApiStub, Fault
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.reliability.harness import (
     SocketProducer,

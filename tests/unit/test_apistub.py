@@ -7,19 +7,22 @@ Its fidelity is what the sync tests rest on, so the shapes here follow REFERENCE
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
 import urllib3
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from agent.apistub import ApiStub, Fault, Match
+from agent_devtools.apistub import ApiStub, Fault, Match, RateLimit
 
 BATCH = "/track/v2/projects/proj-a/batch"
+BATCH_B = "/track/v2/projects/proj-b/batch"
 AUTH = {"Authorization": "Token key-a", "Content-Type": "application/json"}
 
 
@@ -128,6 +131,84 @@ def test_system_time(pool: urllib3.HTTPConnectionPool) -> None:
     response = pool.urlopen("GET", "/track/v2/projects/proj-a/system/time", headers=AUTH)
     assert response.status == 200
     assert abs(json.loads(response.data)["time"] - time.time()) < 60
+
+
+def test_clock_offset_moves_system_time_the_batch_command_and_the_date_header(
+    api_stub: ApiStub, pool: urllib3.HTTPConnectionPool
+) -> None:
+    api_stub.set_clock_offset(-86_400.0)  # a day behind
+    response = pool.urlopen("GET", "/track/v2/projects/proj-a/system/time", headers=AUTH)
+    assert abs(json.loads(response.data)["time"] - (time.time() - 86_400)) < 60
+    date = parsedate_to_datetime(response.headers["Date"]).timestamp()
+    assert abs(date - (time.time() - 86_400)) < 60
+    status, body, batch = post(pool, {"commands": [{"name": "system/time", "data": {}}]})
+    assert status == 200 and abs(body["results"][0]["time"] - (time.time() - 86_400)) < 60
+    assert abs(parsedate_to_datetime(batch.headers["Date"]).timestamp() - date) < 60
+    missing = pool.urlopen("GET", "/nowhere")
+    assert abs(parsedate_to_datetime(missing.headers["Date"]).timestamp() - date) < 60
+
+
+def test_system_time_is_authorized_like_tracking(pool: urllib3.HTTPConnectionPool) -> None:
+    response = pool.urlopen(
+        "GET", "/track/v2/projects/proj-a/system/time", headers={"Authorization": "Token bad"}
+    )
+    assert response.status == 401
+
+
+def test_rate_limit_answers_429_with_retry_after_per_client(
+    api_stub: ApiStub, pool: urllib3.HTTPConnectionPool
+) -> None:
+    api_stub.set_rate_limit(RateLimit(per_second=2))
+    statuses = [post(pool, {"commands": [command()]})[0] for _ in range(6)]
+    assert statuses[:2] == [200, 200] and 429 in statuses  # a burst of one second's worth
+    refused = [r for r in api_stub.requests() if r.status == 429]
+    assert refused and all(r.commands == 1 for r in refused)
+    too_many = pool.urlopen("GET", "/track/v2/projects/proj-a/system/time", headers=AUTH)
+    assert too_many.status == 429 and int(too_many.headers["Retry-After"]) >= 1
+    accepted = len(api_stub.received())
+    api_stub.set_rate_limit(None)
+    assert post(pool, {"commands": [command()]})[0] == 200
+    assert len(api_stub.received()) == accepted + 1
+
+
+def test_rate_limit_by_project_counts_each_project_alone(api_stub: ApiStub) -> None:
+    api_stub.apply_control({"rate_limit": {"per_second": 1, "by": "project"}})
+    with urllib3.HTTPConnectionPool("127.0.0.1", api_stub.port, retries=False) as p:
+        assert post(p, {"commands": [command()]})[0] == 200
+        assert post(p, {"commands": [command()]})[0] == 429
+        other = {"Authorization": "Token key-b"}
+        assert post(p, {"commands": [command()]}, path=BATCH_B, headers=other)[0] == 200
+    with pytest.raises(ValueError):
+        api_stub.apply_control({"rate_limit": {"per_second": 0}})
+
+
+def test_black_hole_accepts_and_never_answers(
+    api_stub: ApiStub, pool: urllib3.HTTPConnectionPool
+) -> None:
+    api_stub.black_hole_next(1)
+    with pytest.raises(ReadTimeoutError):
+        pool.urlopen(
+            "POST", BATCH, body=json.dumps({"commands": [command()]}), headers=AUTH, timeout=0.3
+        )
+    assert api_stub.received() == []
+    assert [r.status for r in api_stub.requests()] == [0]
+    api_stub.release_hangs()  # ends the silence by closing the connection, still no answer
+    assert api_stub.wait_for(lambda: api_stub.active_requests == 0, 5)
+
+
+def test_trickle_sends_the_answer_one_byte_at_a_time(api_stub: ApiStub) -> None:
+    api_stub.trickle_next(1, 0.05)
+    with socket.create_connection(("127.0.0.1", api_stub.port), timeout=5) as conn:
+        body = json.dumps({"commands": [command()]}).encode()
+        conn.sendall(
+            f"POST {BATCH} HTTP/1.1\r\nHost: x\r\nAuthorization: Token key-a\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        first = conn.recv(100)
+        second = conn.recv(100)
+        assert (first, second) == (b"H", b"T")  # one byte per write
+    api_stub.release_hangs()
 
 
 def test_status_faults_with_retry_after_then_normal(
@@ -240,7 +321,7 @@ def test_fault_from_json_rejects_unknown_keys() -> None:
 
 def test_console_script_prints_its_url_and_serves() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.apistub", "--port", "0", "--project", "t:k"],
+        [sys.executable, "-m", "agent_devtools.apistub", "--port", "0", "--project", "t:k"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -220,25 +220,3 @@ def test_redirects_pause_with_a_hint() -> None:
 
 def test_nonsense_status_retries() -> None:
     assert wire.classify(999, b"", 1).action is Action.RETRY
-
-
-# -- backoff ---------------------------------------------------------------------------------
-
-
-def test_backoff_grows_exponentially_up_to_the_cap() -> None:
-    almost_one = 0.999999
-    assert wire.backoff_delay(0, 300, almost_one) == pytest.approx(1.0, rel=1e-3)
-    assert wire.backoff_delay(3, 300, almost_one) == pytest.approx(8.0, rel=1e-3)
-    assert wire.backoff_delay(20, 300, almost_one) == pytest.approx(300.0, rel=1e-3)
-    assert wire.backoff_delay(10_000, 300, almost_one) == pytest.approx(300.0, rel=1e-3)
-
-
-@given(
-    st.integers(min_value=-5, max_value=10_000),
-    st.floats(min_value=0, max_value=1, exclude_max=True),
-    st.floats(min_value=1, max_value=3600),
-)
-def test_backoff_is_full_jitter_within_bounds(attempt: int, uniform: float, cap: float) -> None:
-    delay = wire.backoff_delay(attempt, cap, uniform)
-    assert 0.0 <= delay <= cap
-    assert delay <= 2.0 ** min(max(attempt, 0), 62)

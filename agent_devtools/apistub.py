@@ -1,14 +1,18 @@
 """A local stand-in for the Engagement Tracking API: a development tool and the tests' double.
 
-It implements what the agent uses (REFERENCE "Engagement Tracking API"): the batch endpoint
-with token auth, body and per-command validation and the API's answer shapes, plus
-`GET .../system/time`. On top it records every accepted command and can be told to misbehave
-(5xx, 429 with `Retry-After`, hangs, connection resets, per-command refusals, a whole-batch 400
-for "poison" items), both from Python and over HTTP control endpoints, so a test can drive it
-while the daemon under test runs as a separate process:
+It implements what the agent uses (docs/sync.md): the batch endpoint with token auth, body
+and per-command validation and the API's answer shapes, `GET .../system/time` (also as the
+`system/time` batch command) and a `Date` header on every response. On top it records every
+accepted command and can be told to misbehave (5xx, 429 with `Retry-After`, hangs, connection
+resets, a black hole that never answers, a response trickling one byte at a time, per-command
+refusals, a whole-batch 400 for "poison" items, a clock that is off by a given offset, a
+per-client rate limit), both from Python and over HTTP control endpoints, so a test can drive
+it while the daemon under test runs as a separate process:
 
     POST /_stub/faults    {"faults": [...], "command_failures": [...], "poison": [...],
-                           "projects": {"TOKEN": "KEY"}}   (every key optional, appended)
+                           "projects": {"TOKEN": "KEY"}, "clock_offset": 3600.0,
+                           "rate_limit": {"per_second": 10, "by": "ip"}}
+                          (every key optional; lists are appended, settings replaced)
     GET  /_stub/received  {"commands": [...], "requests": [...]}
     POST /_stub/reset     forget faults and recordings (projects stay)
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import signal
 import socket
@@ -33,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
-#: The real API refuses batches above this (SPEC §6).
+#: The real API refuses batches above this (docs/sync.md).
 MAX_COMMANDS = 50
 #: Bodies above this are refused with 413 so a runaway client cannot exhaust memory.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -99,10 +104,12 @@ class Fault:
     """Misbehaviour for the next `count` batch requests (None: until reset).
 
     Order of effects: `hang` seconds of silence, then either `reset` (the connection is
-    aborted with a TCP RST, no response) or a response with `status` (and `retry_after`,
-    `body`), or, with neither, the normal answer. `accept` processes and records the batch
-    before misbehaving, which is how a response lost on the way back looks to the client.
-    `project` limits the fault to one project token.
+    aborted with a TCP RST, no response), `black_hole` (silence until the stub stops or
+    `release_hangs()`, then the connection is closed without an answer), or a response with
+    `status` (and `retry_after`, `body`), or, with none of these, the normal answer; `trickle`
+    sends that answer one byte every `trickle` seconds. `accept` processes and records the
+    batch before misbehaving, which is how a response lost on the way back looks to the
+    client. `project` limits the fault to one project token.
     """
 
     status: int | None = None
@@ -113,6 +120,8 @@ class Fault:
     accept: bool = False
     body: Any = None
     project: str | None = None
+    black_hole: bool = False
+    trickle: float = 0.0
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Fault:
@@ -158,6 +167,7 @@ class RequestRecord:
     user_agent: str
     content_type: str
     authorization_ok: bool
+    via: str = ""  # the `Via` header a proxy on the way added
 
 
 @dataclass
@@ -183,6 +193,22 @@ class _State:
     active: int = 0
 
 
+@dataclass
+class RateLimit:
+    """At most `per_second` tracking requests per second per client, `by` its IP address
+    ("ip", as the API counts) or by project token ("project": one client per project, for
+    benchmarks whose agents all connect from 127.0.0.1). Above it: 429 with `Retry-After`."""
+
+    per_second: float
+    by: str = "ip"
+
+    def __post_init__(self) -> None:
+        if not self.per_second > 0:
+            raise ValueError("rate_limit.per_second must be > 0")
+        if self.by not in ("ip", "project"):
+            raise ValueError('rate_limit.by must be "ip" or "project"')
+
+
 class ApiStub:
     """The stand-in server. Construct, `start()`, use `url`, `stop()` (or use `with`).
 
@@ -198,9 +224,15 @@ class ApiStub:
         projects: Mapping[str, str] | None = None,
         *,
         verbose: bool = False,
+        clock_offset: float = 0.0,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self._address = (host, port)
         self._verbose = verbose
+        self._clock_offset = clock_offset
+        self._rate_limit = rate_limit
+        #: client key -> (tokens, monotonic time of the last refill): a token bucket each.
+        self._buckets: dict[str, tuple[float, float]] = {}
         self._cond = threading.Condition()
         self._state = _State(projects=dict(projects or {}))
         self._release = threading.Event()
@@ -267,6 +299,32 @@ class ApiStub:
     def add_project(self, token: str, key: str) -> None:
         with self._cond:
             self._state.projects[token] = key
+
+    def set_clock_offset(self, seconds: float) -> None:
+        """Make the stub's clock (`system/time`, `Date`) run `seconds` ahead of this host's."""
+        with self._cond:
+            self._clock_offset = seconds
+
+    def set_rate_limit(self, limit: RateLimit | None) -> None:
+        """Answer 429 with `Retry-After` above `limit` (None: no limit, the default)."""
+        with self._cond:
+            self._rate_limit = limit
+            self._buckets.clear()
+
+    def now(self) -> float:
+        """The stub's wall clock: this host's plus the configured offset."""
+        with self._cond:
+            return time.time() + self._clock_offset
+
+    def black_hole_next(self, count: int | None, *, project: str | None = None) -> None:
+        """Accept the next `count` batch requests and never answer them."""
+        self.add_fault(Fault(black_hole=True, count=count, project=project))
+
+    def trickle_next(
+        self, count: int | None, seconds_per_byte: float = 1.0, *, project: str | None = None
+    ) -> None:
+        """Send the answer to the next `count` batch requests one byte at a time."""
+        self.add_fault(Fault(trickle=seconds_per_byte, count=count, project=project))
 
     def add_fault(self, fault: Fault) -> None:
         with self._cond:
@@ -361,7 +419,14 @@ class ApiStub:
         """The `POST /_stub/faults` document; raises ValueError on a malformed one."""
         if not isinstance(obj, Mapping):
             raise ValueError("expected a JSON object")
-        unknown = set(obj) - {"faults", "command_failures", "poison", "projects"}
+        unknown = set(obj) - {
+            "faults",
+            "command_failures",
+            "poison",
+            "projects",
+            "clock_offset",
+            "rate_limit",
+        }
         if unknown:
             raise ValueError(f"unknown keys: {sorted(unknown)}")
         faults = [Fault.from_json(f) for f in obj.get("faults", [])]
@@ -376,6 +441,16 @@ class ApiStub:
         projects = obj.get("projects", {})
         if not isinstance(projects, Mapping):
             raise ValueError("projects must be an object of token: key")
+        offset = obj.get("clock_offset")
+        if offset is not None and (
+            isinstance(offset, bool) or not isinstance(offset, (int, float))
+        ):
+            raise ValueError("clock_offset must be a number of seconds")
+        if "rate_limit" in obj:
+            limit = obj["rate_limit"]
+            self.set_rate_limit(None if limit is None else RateLimit(**limit))
+        if offset is not None:
+            self.set_clock_offset(float(offset))
         with self._cond:
             self._state.faults.extend(faults)
             self._state.command_failures.extend(failures)
@@ -390,6 +465,23 @@ class ApiStub:
             }
 
     # -- request handling (called from handler threads) -----------------------------------
+
+    def _over_rate(self, client: str, project: str) -> float | None:
+        """None if this request is within the rate limit, else the seconds until it would be
+        (a token bucket per client holding one second's worth of requests)."""
+        with self._cond:
+            limit = self._rate_limit
+            if limit is None:
+                return None
+            key = client if limit.by == "ip" else project
+            now = time.monotonic()
+            tokens, at = self._buckets.get(key, (limit.per_second, now))
+            tokens = min(limit.per_second, tokens + (now - at) * limit.per_second)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return None
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / limit.per_second
 
     def _take_fault(self, project: str) -> Fault | None:
         with self._cond:
@@ -431,7 +523,7 @@ class ApiStub:
                 "success": False,
                 "message": f"Too many commands ({len(commands)} > {MAX_COMMANDS})",
             }
-        start = time.time()
+        start = self.now()
         with self._cond:
             poison = list(self._state.poison)
             failures = list(self._state.command_failures)
@@ -451,7 +543,7 @@ class ApiStub:
                 results.append({"success": False, "errors": errors})
                 continue
             if command["name"] == "system/time":
-                results.append({"success": True, "time": time.time()})
+                results.append({"success": True, "time": self.now()})
             else:
                 results.append({"success": True})
             accepted.append(Received(project, command["name"], command["data"], seq, now))
@@ -459,7 +551,7 @@ class ApiStub:
         return 200, {
             "success": True,
             "start_time": start,
-            "end_time": time.time(),
+            "end_time": self.now(),
             "results": results,
         }
 
@@ -537,7 +629,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive like the real API, Nagle off so small responses are not delayed
-    ~40 ms (REFERENCE pitfalls)."""
+    ~40 ms."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -558,15 +650,49 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.stub._verbose:
             super().log_message(format, *args)
 
-    def _send_json(self, status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The `Date` header, from the stub's (possibly offset) clock."""
+        return super().date_time_string(self.server.stub.now() if timestamp is None else timestamp)
+
+    def _send_json(
+        self,
+        status: int,
+        obj: Any,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        trickle: float = 0.0,
+    ) -> None:
         payload = json.dumps(obj).encode()
+        extra = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        extra.extend(headers)
+        if trickle > 0:
+            self._trickle(status, extra, payload, trickle)
+            return
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers:
+        for name, value in extra:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+
+    def _trickle(
+        self, status: int, headers: list[tuple[str, str]], payload: bytes, interval: float
+    ) -> None:
+        """Write the whole response, status line included, one byte every `interval` seconds:
+        a link that delivers, but too slowly to be of use. Ends early when the stub stops."""
+        lines = [
+            f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            *(f"{name}: {value}" for name, value in headers),
+        ]
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+        release = self.server.stub._release
+        for i in range(len(raw)):
+            self.wfile.write(raw[i : i + 1])
+            self.wfile.flush()
+            if release.wait(interval):
+                self.close_connection = True
+                return
 
     def _read_body(self) -> bytes | None:
         length_header = self.headers.get("Content-Length")
@@ -602,11 +728,24 @@ class _Handler(BaseHTTPRequestHandler):
         if match is None:
             self._send_json(404, {"success": False, "error": "Not found"})
             return
-        refusal = stub._authorize(unquote(match.group(1)), self.headers.get("Authorization", ""))
+        project = unquote(match.group(1))
+        wait = stub._over_rate(str(self.client_address[0]), project)
+        if wait is not None:
+            self._send_too_many(wait)
+            return
+        refusal = stub._authorize(project, self.headers.get("Authorization", ""))
         if refusal is not None:
             self._send_json(*refusal)
             return
-        self._send_json(200, {"success": True, "time": time.time()})
+        self._send_json(200, {"success": True, "time": stub.now()})
+
+    def _send_too_many(self, wait: float) -> None:
+        """429 with `Retry-After` in whole seconds (at least 1), as rate limiters send it."""
+        self._send_json(
+            429,
+            {"success": False, "error": "Too many requests"},
+            [("Retry-After", str(max(1, math.ceil(wait))))],
+        )
 
     def do_POST(self) -> None:
         stub = self.server.stub
@@ -651,6 +790,7 @@ class _Handler(BaseHTTPRequestHandler):
             user_agent=self.headers.get("User-Agent", ""),
             content_type=self.headers.get("Content-Type", ""),
             authorization_ok=outcome.authorized,
+            via=self.headers.get("Via", ""),
         )
         self.server.stub._record(record, outcome.accepted)
 
@@ -659,6 +799,12 @@ class _Handler(BaseHTTPRequestHandler):
         stub = self.server.stub
         refusal = stub._authorize(project, self.headers.get("Authorization", ""))
         outcome.authorized = refusal is None
+        wait = stub._over_rate(str(self.client_address[0]), project)
+        if wait is not None:
+            outcome.status = 429
+            self._record(project, seq, raw, outcome, at)
+            self._send_too_many(wait)
+            return
         fault = stub._take_fault(project)
         response: tuple[int, Any] | None = None
         if fault is not None and fault.accept and refusal is None:
@@ -670,6 +816,12 @@ class _Handler(BaseHTTPRequestHandler):
                 outcome.status = 0
                 self._record(project, seq, raw, outcome, at)
                 self._reset()
+                return
+            if fault.black_hole:
+                outcome.status = 0
+                self._record(project, seq, raw, outcome, at)
+                stub._release.wait()
+                self.close_connection = True
                 return
             if fault.status is not None:
                 body = fault.body
@@ -684,7 +836,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.retry_after is not None:
             headers.append(("Retry-After", fault.retry_after))
         try:
-            self._send_json(response[0], response[1], headers)
+            self._send_json(
+                response[0], response[1], headers, trickle=fault.trickle if fault else 0.0
+            )
         except OSError:
             self.close_connection = True
 
@@ -728,9 +882,37 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TOKEN:KEY",
         help="accept this project with this key (repeatable); none: accept any token and key",
     )
+    parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="run the API's clock (system/time, Date) this far ahead of the host's",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="answer 429 with Retry-After above N requests/s per client (default: no limit)",
+    )
+    parser.add_argument(
+        "--rate-limit-by",
+        choices=("ip", "project"),
+        default="ip",
+        help="what a client is for --rate-limit: its IP address (as the API) or its project",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
-    stub = ApiStub(args.host, args.port, dict(args.project), verbose=args.verbose)
+    limit = RateLimit(args.rate_limit, args.rate_limit_by) if args.rate_limit > 0 else None
+    stub = ApiStub(
+        args.host,
+        args.port,
+        dict(args.project),
+        verbose=args.verbose,
+        clock_offset=args.clock_offset,
+        rate_limit=limit,
+    )
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: object) -> None:
