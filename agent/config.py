@@ -287,11 +287,25 @@ class MqttConfig(_Section):
         return value
 
 
+#: Upper bound of `socket.max_connections`; the unit's `LimitNOFILE=` has room for it.
+MAX_SOCKET_CONNECTIONS = 1024
+#: Cap on `socket.max_connections_per_uid × socket.max_pending_reply_bytes`.
+MAX_OWED_REPLY_BYTES_PER_UID = 32 * 1024 * 1024
+
+
 class SocketConfig(_Section):
     path: Path = SYSTEM_RUNTIME_DIR / "agent.sock"
     #: Octal permission bits as a string ("0660"); kept a string so TOML and env agree on base.
     mode: str = "0660"
-    max_connections: Annotated[int, Field(ge=1)] = 256
+    #: Connections from non-privileged peers; root and the agent's user get a few more
+    #: (docs/configuration.md). Each is a file descriptor (the unit's `LimitNOFILE=`).
+    max_connections: Annotated[int, Field(ge=1, le=MAX_SOCKET_CONNECTIONS)] = 256
+    #: Per peer uid (SO_PEERCRED), so one local account cannot take every slot.
+    max_connections_per_uid: Annotated[int, Field(ge=1, le=MAX_SOCKET_CONNECTIONS)] = 32
+    #: Seconds a connection may stay open while the agent owes it nothing.
+    idle_timeout: Annotated[float, Field(ge=1.0, le=86400.0)] = 300.0
+    #: Replies a client may leave unread before the agent stops reading from it.
+    max_pending_reply_bytes: Annotated[int, Field(ge=65536, le=16 * 1024 * 1024)] = 1048576
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -311,6 +325,18 @@ class SocketConfig(_Section):
     @property
     def mode_bits(self) -> int:
         return int(self.mode, 8)
+
+    @model_validator(mode="after")
+    def _owed_bytes_bounded(self) -> SocketConfig:
+        # What one local account may make the agent hold in unread replies; with the rest a
+        # client may hold (docs/security.md) this keeps a hostile one under 64 MB.
+        owed = self.max_connections_per_uid * self.max_pending_reply_bytes
+        if owed > MAX_OWED_REPLY_BYTES_PER_UID:
+            raise ValueError(
+                f"max_connections_per_uid × max_pending_reply_bytes is {owed} bytes; at most "
+                f"{MAX_OWED_REPLY_BYTES_PER_UID} (32 MiB) are allowed, lower one of them"
+            )
+        return self
 
 
 class LimitsConfig(_Section):

@@ -129,6 +129,9 @@ class Daemon:
             self,
             lambda: self.config.limits.max_command_bytes,
             self.config.socket.max_connections,
+            max_connections_per_uid=self.config.socket.max_connections_per_uid,
+            idle_timeout=self.config.socket.idle_timeout,
+            max_pending_reply_bytes=self.config.socket.max_pending_reply_bytes,
         )
         try:
             await self.server.start()

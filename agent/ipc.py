@@ -6,11 +6,20 @@ pipelined ingest, so the work is done per chunk, not per command: the lines of e
 are checked synchronously, the accepted ones go to the writer as one group (one hand-off back
 to the loop when it is committed), and the replies that are ready go out in one write.
 
-Every resource a client can make us hold is bounded: the partial line
-(≤ `limits.max_command_bytes`), requests in flight per connection (reading pauses past
-`MAX_IN_FLIGHT`), the bytes of requests in flight across all connections (every connection
-pauses past `MAX_PENDING_BYTES` until half of it is answered), unread replies (reading pauses
-while the transport's write buffer is full) and the number of connections.
+No client can starve the others or grow the agent without bound (docs/security.md lists the
+attacks; docs/protocol.md the rules a client sees):
+
+- connections: at most `socket.max_connections`, and `socket.max_connections_per_uid` per peer
+  uid; root and the agent's own user find `RESERVED_CONNECTIONS` more slots, so the CLI and
+  `systemctl reload` work under a flood;
+- time: a connection the agent owes no work for `socket.idle_timeout` is closed (a partly
+  received line or unread replies are not work the agent owes);
+- memory: a connection holds at most a partial line (≤ `limits.max_command_bytes`), one read
+  chunk not yet parsed (when a limit stopped parsing mid-chunk), `MAX_IN_FLIGHT` requests of
+  which `MAX_QUERIES_IN_FLIGHT` queries, and replies it has not read: past
+  `socket.max_pending_reply_bytes` of those it is not read from, and its next query does not
+  run, until it reads. Requests being worked on by the writer count against
+  `MAX_PENDING_BYTES` across all connections.
 """
 
 from __future__ import annotations
@@ -27,15 +36,25 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import AgentError, InternalError, TooLarge, Unavailable
+from agent.errors import InternalError, TooLarge, Unavailable
 from agent.intake import Accepted, Origin, Reply, reply_for_unreadable
+from agent.logs import RateLimitedLog
 
 log = logging.getLogger("engagement_agent.ipc")
 
+#: Requests awaiting their reply per connection; reading pauses at this many.
 MAX_IN_FLIGHT = 1024
-MAX_PENDING_BYTES = 32 * 1024 * 1024
-#: How long an accepted connection may take to be set up before its slot is freed again.
-RESERVATION_SECONDS = 5.0
+#: Queries (status, flush, queue maintenance) awaiting their reply per connection: each is a
+#: task on the loop, and a status reply is the largest reply there is.
+MAX_QUERIES_IN_FLIGHT = 16
+#: Bytes of requests the writer is working on, across all connections; every connection
+#: pauses past it until half of it is answered. A parsed command takes several times its
+#: line's bytes, so this is small; it still holds thousands of typical commands.
+MAX_PENDING_BYTES = 1024 * 1024
+#: Slots beyond `socket.max_connections` that only root and the agent's own user may take.
+RESERVED_CONNECTIONS = 8
+#: Connects the kernel queues for us to accept; a burst of refused ones holds a descriptor each.
+LISTEN_BACKLOG = 256
 _PEERCRED = struct.Struct("3i")
 
 
@@ -47,7 +66,8 @@ class Dispatcher(Protocol):
     it must run them in that order, each on its own (one refused command fails only itself),
     and call `done(replies)` once, on the event loop, after all of them are committed or
     refused. Any other accepted command runs with `run_one`, which must wait for `turn` (set
-    once every earlier reply of its connection is out) before it does anything.
+    once every earlier reply of its connection is out and the client reads its replies)
+    before it does anything.
     """
 
     def prepare(self, line: bytes, origin: Origin) -> Reply | Accepted: ...
@@ -80,14 +100,15 @@ class _Slot:
 
     `line` is the encoded reply once known. `turn` belongs to a command that is neither
     refused nor batched (status, flush, queue maintenance): it runs at once but waits for
-    `turn`, which is set when every earlier reply of the connection is out, so `flush` after
-    `track_event` in one pipeline sees it committed. `size` is the request's bytes, counted
-    against `MAX_PENDING_BYTES` until the reply is out.
+    `turn`, which is set when every earlier reply of the connection is out and the client is
+    reading, so `flush` after `track_event` in one pipeline sees it committed and a client that
+    does not read gets no new status replies to owe. `size` is the bytes of a batched request,
+    counted against `MAX_PENDING_BYTES` until the writer is done with it.
     """
 
     __slots__ = ("line", "size", "turn")
 
-    def __init__(self, size: int, line: bytes | None = None) -> None:
+    def __init__(self, size: int = 0, line: bytes | None = None) -> None:
         self.size = size
         self.line = line
         self.turn: asyncio.Future[None] | None = None
@@ -97,28 +118,54 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: SocketServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.uid: int | None = None
         self._origin = Origin("socket")
         self._buffer = bytearray()
         self._discarding = False  # inside an oversized line, dropping bytes until its newline
+        self._backlog = b""  # input read but not parsed: a limit stopped parsing mid-chunk
+        self._consuming = False
         self._replies: collections.deque[_Slot] = collections.deque()  # in request order
+        self._ready_bytes = 0  # replies known but not handed to the transport yet
+        self._queries = 0  # queries awaiting their reply
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False
+        self._last_activity = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self.uid = peer_uid(transport.get_extra_info("socket"))
+        refusal = self._server.admit(self)
+        if refusal is not None:
+            self._closing = True
+            transport.write(_line_of(reply_for_unreadable(Unavailable(refusal))))
+            transport.close()
+            return
         self._transport = transport
-        self._origin = Origin("socket", uid=peer_uid(transport.get_extra_info("socket")))
-        self._server.connections.add(self)
-        self._server.unreserve(self)
+        self._loop = asyncio.get_running_loop()
+        self._origin = Origin("socket", uid=self.uid)
+        # Replies the client has not read count from the first byte the kernel refused:
+        # past the limit the transport pauses us (pause_writing) and we stop reading.
+        limit = self._server.max_pending_reply_bytes
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self._last_activity = self._loop.time()
+        self._idle_timer = self._loop.call_later(self._server.idle_timeout, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self._server.connections.discard(self)
-        self._server.waiting_for_budget.discard(self)
-        # In-flight commands still complete (they are committed or not on their own); only
-        # their replies have nowhere to go.
+        self._server.forget(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._backlog = b""
+        self._buffer.clear()
+        # In-flight commands still complete (they are committed or not on their own), queries
+        # in their order; only their replies have nowhere to go.
+        self._writing_paused = False
+        self._write_ready()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -126,17 +173,41 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self.update_reading()
+        self._touch()  # the client reads
+        self._flush_replies()
 
     def data_received(self, data: bytes) -> None:
-        # Every complete line of the chunk is checked here and now; the accepted commands
-        # that go to the writer are submitted together, as one group, when the chunk is done.
+        if self._backlog:  # reading is paused while there is a backlog; keep the order anyway
+            self._backlog += data
+        else:
+            self._consume(data)
+        self._flush_replies()
+
+    def eof_received(self) -> bool | None:
+        # A final line without a newline is still a request.
+        if self._buffer and not self._discarding and not bytes(self._buffer).isspace():
+            batch: list[Accepted] = []
+            slots: list[_Slot] = []
+            self._request(bytes(self._buffer), batch, slots)
+            if batch:
+                self._run_batch(batch, slots)
+        self._buffer.clear()
+        self.close_when_done()
+        return True  # keep the write side open until every reply is out
+
+    # -- reading ----------------------------------------------------------------------------
+    def _consume(self, data: bytes) -> None:
+        """Check every complete line of `data`; stop early (keeping the rest as the backlog)
+        once a limit is reached, so one read chunk cannot exceed the limits."""
+        # The accepted commands that go to the writer are submitted together, as one group.
+        self._consuming = True
         limit = self._server.max_line_bytes()
         batch: list[Accepted] = []
         slots: list[_Slot] = []
         buffer = self._buffer
         start = 0
         end = len(data)
+        requested = False
         while start < end:
             newline = data.find(b"\n", start)
             if newline < 0:
@@ -164,22 +235,53 @@ class _Connection(asyncio.Protocol):
                     line = line.rstrip(b"\r")
                 if line and not line.isspace():
                     self._request(line, batch, slots)
+                    requested = True
+                    if self._must_stop() and newline + 1 < end:
+                        self._backlog = data[newline + 1 :]
+                        break
             start = newline + 1
         if batch:
             self._run_batch(batch, slots)
-        self._flush_replies()
+        if requested:
+            self._touch()
+        self._consuming = False
+        self._write_ready()
 
-    def eof_received(self) -> bool | None:
-        # A final line without a newline is still a request.
-        if self._buffer and not self._discarding and not bytes(self._buffer).isspace():
-            batch: list[Accepted] = []
-            slots: list[_Slot] = []
-            self._request(bytes(self._buffer), batch, slots)
-            if batch:
-                self._run_batch(batch, slots)
-        self._buffer.clear()
-        self.close_when_done()
-        return True  # keep the write side open until every reply is out
+    def _owed(self) -> int:
+        """Reply bytes the client has not read yet, as far as the agent holds them."""
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self._ready_bytes + buffered
+
+    def _must_stop(self) -> bool:
+        return (
+            self._writing_paused
+            or len(self._replies) >= MAX_IN_FLIGHT
+            or self._queries >= MAX_QUERIES_IN_FLIGHT
+            or self._server.pending_bytes > MAX_PENDING_BYTES
+            or self._owed() > self._server.max_pending_reply_bytes
+        )
+
+    def update_reading(self) -> None:
+        """Pause reading while a limit is reached; otherwise parse the backlog, then read."""
+        transport = self._transport
+        if transport is None or self._consuming:
+            return
+        while not transport.is_closing():
+            if self._must_stop():
+                if self._server.pending_bytes > MAX_PENDING_BYTES:
+                    self._server.waiting_for_budget.add(self)
+                if not self._reading_paused:
+                    transport.pause_reading()
+                    self._reading_paused = True
+                return
+            if not self._backlog:
+                if self._reading_paused:
+                    transport.resume_reading()
+                    self._reading_paused = False
+                return
+            backlog, self._backlog = self._backlog, b""
+            self._consume(backlog)
 
     # -- requests and ordered replies -------------------------------------------------------
     def _too_large(self, limit: int) -> None:
@@ -187,27 +289,34 @@ class _Connection(asyncio.Protocol):
             f"command line is longer than {limit} bytes (limits.max_command_bytes); "
             "it was discarded"
         )
-        self._replies.append(_Slot(0, _line_of(reply_for_unreadable(error))))
+        self._ready(_Slot(line=_line_of(reply_for_unreadable(error))))
+
+    def _ready(self, slot: _Slot) -> None:
+        """Queue a slot whose reply is already known."""
+        assert slot.line is not None
+        self._ready_bytes += len(slot.line)
+        self._replies.append(slot)
 
     def _request(self, line: bytes, batch: list[Accepted], slots: list[_Slot]) -> None:
         server = self._server
         if not server.accepting:
             error = Unavailable("the agent is shutting down")
-            self._replies.append(_Slot(0, _line_of(reply_for_unreadable(error))))
+            self._ready(_Slot(line=_line_of(reply_for_unreadable(error))))
             return
-        size = len(line)
-        server.pending_bytes += size
         dispatcher = server.dispatcher
         prepared = dispatcher.prepare(line, self._origin)
         if isinstance(prepared, Reply):
-            slot = _Slot(size, _line_of(prepared))
-        elif dispatcher.batchable(prepared):
-            slot = _Slot(size)
+            self._ready(_Slot(line=_line_of(prepared)))
+            return
+        if dispatcher.batchable(prepared):
+            slot = _Slot(len(line))
+            server.pending_bytes += slot.size
             batch.append(prepared)
             slots.append(slot)
         else:
-            slot = _Slot(size)
+            slot = _Slot()
             slot.turn = asyncio.get_running_loop().create_future()
+            self._queries += 1
             task = asyncio.ensure_future(dispatcher.run_one(prepared, slot.turn))
             task.add_done_callback(lambda task: self._query_done(slot, task))
         self._replies.append(slot)
@@ -216,13 +325,18 @@ class _Connection(asyncio.Protocol):
         # Batches are submitted in the order their lines arrived, and the writer runs them in
         # submission order: pipelined commands keep their order all the way into the database.
         def done(replies: list[Reply]) -> None:
+            released = 0
             for slot, reply in zip(slots, replies, strict=True):
                 slot.line = _line_of(reply)
+                self._ready_bytes += len(slot.line)
+                released += slot.size
+            self._server.release(released)
             self._server.schedule_flush(self)
 
         self._server.dispatcher.run_batch(batch, done)
 
     def _query_done(self, slot: _Slot, task: asyncio.Future[Reply]) -> None:
+        self._queries -= 1
         if task.cancelled() or task.exception() is not None:
             error = InternalError("internal error; see the log")
             if not task.cancelled():
@@ -230,45 +344,41 @@ class _Connection(asyncio.Protocol):
             slot.line = _line_of(reply_for_unreadable(error))
         else:
             slot.line = _line_of(task.result())
+        self._ready_bytes += len(slot.line)
         self._flush_replies()
 
-    def _flush_replies(self) -> None:
+    def _write_ready(self) -> None:
         """Write every reply that is ready at the head, in one write; a query that reached the
-        head may now run."""
+        head may now run, unless the client is not reading its replies."""
         replies = self._replies
         parts: list[bytes] = []
-        released = 0
         while replies:
             slot = replies[0]
             if slot.line is None:
-                if slot.turn is not None and not slot.turn.done():
-                    slot.turn.set_result(None)
+                turn = slot.turn
+                if (
+                    turn is not None
+                    and not turn.done()
+                    and not (self._writing_paused and self._server.accepting)
+                ):
+                    turn.set_result(None)
                 break
             replies.popleft()
             parts.append(slot.line)
-            released += slot.size
-        transport = self._transport
-        if parts:
-            if transport is not None and not transport.is_closing():
-                transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
-            self._server.release(released)
-        self.update_reading()
-        if self._closing and not replies and transport is not None:
-            transport.close()
-
-    def update_reading(self) -> None:
-        if self._transport is None or self._transport.is_closing():
+        if not parts:
             return
-        over_budget = self._server.pending_bytes > MAX_PENDING_BYTES
-        if over_budget:
-            self._server.waiting_for_budget.add(self)
-        should_pause = self._writing_paused or len(self._replies) >= MAX_IN_FLIGHT or over_budget
-        if should_pause and not self._reading_paused:
-            self._transport.pause_reading()
-            self._reading_paused = True
-        elif not should_pause and self._reading_paused:
-            self._transport.resume_reading()
-            self._reading_paused = False
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._ready_bytes -= len(data)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            self._touch()
+
+    def _flush_replies(self) -> None:
+        self._write_ready()
+        self.update_reading()
+        if self._closing and not self._replies and self._transport is not None:
+            self._transport.close()
 
     def close_when_done(self) -> None:
         self._closing = True
@@ -276,6 +386,40 @@ class _Connection(asyncio.Protocol):
 
     def in_flight(self) -> int:
         return sum(1 for slot in self._replies if slot.line is None)
+
+    # -- idleness ---------------------------------------------------------------------------
+    def _touch(self) -> None:
+        if self._loop is not None:
+            self._last_activity = self._loop.time()
+
+    def _owes_work(self) -> bool:
+        """Whether the agent (not the client) is what this connection waits for: a request
+        being worked on, or unparsed input held back only by the shared budget."""
+        for slot in self._replies:
+            if slot.line is None and (slot.turn is None or slot.turn.done()):
+                return True
+        return bool(self._backlog) and not (
+            self._writing_paused or self._owed() > self._server.max_pending_reply_bytes
+        )
+
+    def _check_idle(self) -> None:
+        """Close the connection once the agent has owed it nothing for `idle_timeout`."""
+        self._idle_timer = None
+        transport, loop = self._transport, self._loop
+        if transport is None or loop is None or transport.is_closing():
+            return
+        now = loop.time()
+        timeout = self._server.idle_timeout
+        if self._owes_work():
+            due = now + timeout
+        else:
+            due = self._last_activity + timeout
+            if due <= now:
+                log.debug("closing an idle socket connection from uid %s", self.uid)
+                # Replies it did not read go too: waiting for it to read them is what we stop.
+                transport.abort()
+                return
+        self._idle_timer = loop.call_at(due, self._check_idle)
 
 
 class SocketServer:
@@ -288,19 +432,29 @@ class SocketServer:
         dispatcher: Dispatcher,
         max_line_bytes: Callable[[], int],
         max_connections: int,
+        *,
+        max_connections_per_uid: int,
+        idle_timeout: float,
+        max_pending_reply_bytes: int,
     ) -> None:
         self.path = path
         self.mode = int(mode, 8)
         self.dispatcher = dispatcher
         self.max_line_bytes = max_line_bytes
         self.max_connections = max_connections
+        self.max_connections_per_uid = max_connections_per_uid
+        self.idle_timeout = idle_timeout
+        self.max_pending_reply_bytes = max_pending_reply_bytes
+        #: Always find a slot: root and the agent's own user (the CLI, `systemctl reload`).
+        self.privileged_uids = frozenset({0, os.getuid()})
         self.connections: set[_Connection] = set()
-        self._reserved: set[_Connection] = set()  # accepted, connection_made still to come
-        self.pending_bytes = 0  # request bytes whose replies are not written yet
+        self._per_uid: collections.Counter[int | None] = collections.Counter()
+        self.pending_bytes = 0  # bytes of batched requests the writer has not finished
         self.waiting_for_budget: set[_Connection] = set()
         self.accepting = True
         self._server: asyncio.AbstractServer | None = None
         self._to_flush: dict[_Connection, None] = {}  # connections with replies to write
+        self._refusals = RateLimitedLog(log)
 
     def schedule_flush(self, connection: _Connection) -> None:
         """Write `connection`'s ready replies in this loop pass's last step: replies of every
@@ -328,24 +482,43 @@ class SocketServer:
             finally:
                 os.umask(old_umask)
             os.chmod(self.path, self.mode)
-            listener.listen(256)
+            listener.listen(LISTEN_BACKLOG)
         except OSError:
             listener.close()
             raise
-        self._server = await loop.create_unix_server(self._accept, sock=listener)
+        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=listener)
 
-    def _accept(self) -> asyncio.Protocol:
-        # asyncio creates the protocol now and calls connection_made later, so a burst of
-        # connects must be counted here, not there: reserve the slot at once.
-        if len(self.connections) + len(self._reserved) >= self.max_connections:
-            return _Refused(self.max_connections)
-        connection = _Connection(self)
-        self._reserved.add(connection)
-        # A connection whose setup fails never reaches connection_made: free its slot.
-        asyncio.get_running_loop().call_later(
-            RESERVATION_SECONDS, self._reserved.discard, connection
-        )
-        return connection
+    def admit(self, connection: _Connection) -> str | None:
+        """Count a new connection in, or say why it is refused. Decided when the peer's uid is
+        known (connection_made runs one connection at a time, so the counts are exact)."""
+        uid = connection.uid
+        if uid in self.privileged_uids:
+            limit = self.max_connections + RESERVED_CONNECTIONS
+            full = len(self.connections) >= limit
+            refusal = f"too many connections (limit {limit})" if full else None
+        elif self._per_uid[uid] >= self.max_connections_per_uid:
+            refusal = (
+                f"too many connections from uid {uid} "
+                f"(socket.max_connections_per_uid = {self.max_connections_per_uid})"
+            )
+        elif len(self.connections) >= self.max_connections:
+            refusal = f"too many connections (socket.max_connections = {self.max_connections})"
+        else:
+            refusal = None
+        if refusal is not None:
+            self._refusals.warning(("refused", uid), "refused a socket connection: %s", refusal)
+            return refusal
+        self.connections.add(connection)
+        self._per_uid[uid] += 1
+        return None
+
+    def forget(self, connection: _Connection) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self._per_uid[connection.uid] -= 1
+            if not self._per_uid[connection.uid]:
+                del self._per_uid[connection.uid]
+        self.waiting_for_budget.discard(connection)
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -365,21 +538,22 @@ class SocketServer:
             probe.close()
 
     def release(self, size: int) -> None:
-        """A request's reply went out; resume paused connections once half the budget is free."""
+        """The writer is done with batched requests; resume paused connections once half the
+        budget is free."""
         self.pending_bytes -= size
         if self.waiting_for_budget and self.pending_bytes <= MAX_PENDING_BYTES // 2:
             waiting, self.waiting_for_budget = self.waiting_for_budget, set()
             for connection in waiting:
                 connection.update_reading()
 
-    def unreserve(self, connection: _Connection) -> None:
-        self._reserved.discard(connection)
-
     def stop_accepting(self) -> None:
-        """Stop taking new commands: new lines get `unavailable`, the listener closes."""
+        """Stop taking new commands: new lines get `unavailable`, the listener closes, and
+        queries held back for clients that do not read run now, so shutdown need not wait."""
         self.accepting = False
         if self._server is not None:
             self._server.close()
+        for connection in list(self.connections):
+            connection._flush_replies()
 
     def in_flight(self) -> int:
         return sum(connection.in_flight() for connection in self.connections)
@@ -393,16 +567,3 @@ class SocketServer:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-class _Refused(asyncio.Protocol):
-    """Answers one `unavailable` line and hangs up: the connection cap is reached."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        error: AgentError = Unavailable(f"too many connections (limit {self._limit})")
-        transport.write(reply_for_unreadable(error).encode() + b"\n")
-        transport.close()

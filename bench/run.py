@@ -186,7 +186,7 @@ def mqtt_rows(stdout: str) -> list[Row]:
 
 
 def json_rows(result: dict[str, Any]) -> list[Row]:
-    """bench_socket.py / bench_daemon.py write rows already."""
+    """bench_socket.py / bench_daemon.py / bench_hostile.py write rows already."""
     rows = []
     for r in result["rows"]:
         rows.append(
@@ -223,6 +223,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
     result += [
         Bench("socket", "bench_socket.py", socket_args, json_rows),
         Bench("daemon", "bench_daemon.py", daemon_args, json_rows),
+        Bench("hostile", "bench_hostile.py", ["--quick"] if quick else [], json_rows),
     ]
     return result
 

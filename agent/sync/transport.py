@@ -472,6 +472,11 @@ def _translate(exc: BaseException, timeout: float, proxy: str | None) -> Transpo
     if isinstance(exc, (ReadTimeoutError, TimeoutError, socket.timeout)):
         return Interrupted(f"no answer within {timeout:g} s")
     if isinstance(exc, ProtocolError):
+        if proxy is not None:
+            # A proxy that cannot reach the API may answer 5xx and close at once, before it
+            # read our body: the kernel then resets the connection and the answer is lost.
+            # Either way the proxy hung up on us, which is the network's fault, not the API's.
+            return Unreachable(f"proxy {_proxy_label(proxy)}: closed the connection unanswered")
         return Interrupted("the connection was lost before the answer")
     if isinstance(exc, OSError) and exc.strerror:
         return Interrupted(f"network error: {exc.strerror.lower()}")

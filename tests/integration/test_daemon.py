@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
-from tests.fixtures.daemon import REPO, AgentProcess, wait_for
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+from tests.fixtures.daemon import AgentProcess, cli, wait_for
 
 
 def test_notify_protocol_ready_status_watchdog_stopping(make_agent: Any) -> None:

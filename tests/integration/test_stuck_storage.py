@@ -90,8 +90,8 @@ def test_clients_cannot_pile_up_unbounded_requests_while_commits_hang(
         for client in clients:
             client.connect(str(agent.socket_path))
             client.setblocking(False)
-        # Each client tries to push 50 MiB; the agent stops reading once 32 MiB are in flight,
-        # so after a while no client can write any more (nothing writable for 2 s).
+        # Each client tries to push 50 MiB; the agent stops reading once MAX_PENDING_BYTES are
+        # in flight, so after a while no client can write any more (nothing writable for 2 s).
         budget = {client: 50 * 1024 * 1024 for client in clients}
         while budget:
             _, writable, _ = select.select([], list(budget), [], 2.0)

@@ -174,6 +174,42 @@ def test_socket_mode_is_octal(tmp_path: Path) -> None:
     assert "socket.mode" in problems(tmp_path, '[socket]\nmode = "0999"\n')
 
 
+def test_socket_limits_defaults_bounds_and_env(tmp_path: Path) -> None:
+    socket_config = load_config(None, BASE_ENV).socket
+    assert socket_config.idle_timeout == 300.0
+    assert socket_config.max_connections_per_uid == 32
+    assert socket_config.max_pending_reply_bytes == 1048576
+    found = problems(
+        tmp_path,
+        """
+        [socket]
+        idle_timeout = 0.5
+        max_connections = 5000
+        max_connections_per_uid = 0
+        max_pending_reply_bytes = 1024
+        """,
+    )
+    assert set(found) == {
+        "socket.idle_timeout",
+        "socket.max_connections",
+        "socket.max_connections_per_uid",
+        "socket.max_pending_reply_bytes",
+    }
+    # One account may not be owed more than 32 MiB of unread replies in all.
+    found = problems(tmp_path, "[socket]\nmax_connections_per_uid = 64\n")
+    assert "max_connections_per_uid × max_pending_reply_bytes" in found["socket"]
+    env = {
+        **BASE_ENV,
+        "ENGAGEMENT_AGENT_SOCKET__IDLE_TIMEOUT": "30",
+        "ENGAGEMENT_AGENT_SOCKET__MAX_CONNECTIONS_PER_UID": "64",
+        "ENGAGEMENT_AGENT_SOCKET__MAX_PENDING_REPLY_BYTES": "262144",
+    }
+    socket_config = load_config(None, env).socket
+    assert socket_config.idle_timeout == 30.0
+    assert socket_config.max_connections_per_uid == 64
+    assert socket_config.max_pending_reply_bytes == 262144
+
+
 def test_env_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, '[sync]\nflush_mode = "period"\n[apps.kiosk-ui]\nsession_timeout = 9\n')
     env = {

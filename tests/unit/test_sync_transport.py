@@ -81,6 +81,16 @@ def test_proxy_errors_name_the_proxy_without_its_credentials() -> None:
     assert "pw" not in error.reason
 
 
+def test_a_proxy_hanging_up_unanswered_is_unreachable() -> None:
+    """A proxy that cannot reach the API answers and closes before reading our body; the
+    reset loses its answer. That is the network's fault (probe schedule), not the API's."""
+    lost = ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+    error = _translate(lost, 5.0, "http://u:pw@p:3128")
+    assert isinstance(error, Unreachable)
+    assert error.reason == "proxy p:3128: closed the connection unanswered"
+    assert isinstance(_translate(lost, 5.0, None), Interrupted)
+
+
 ENV_HTTPS = {"HTTPS_PROXY": "http://corp:3128", "NO_PROXY": "internal.example,.lan"}
 
 

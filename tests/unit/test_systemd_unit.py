@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import MAX_SOCKET_CONNECTIONS
+from agent.ipc import LISTEN_BACKLOG, RESERVED_CONNECTIONS
+
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "engagement-agent.service"
 BINARY = "/opt/engagement-agent/bin/engagement-agent"
@@ -114,3 +117,22 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
     )
     assert (tmp_path / "var/lib/engagement-agent").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "etc/engagement-agent/credentials").stat().st_mode & 0o777 == 0o700
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_resource_limits_leave_room_for_the_documented_peaks() -> None:
+    """docs/operations.md: the numbers behind MemoryMax=, TasksMax= and LimitNOFILE=."""
+    unit = settings(UNIT.read_text())
+    mib = 1024 * 1024
+    # RSS with a 1,000,000-item backlog (~70 MiB, docs/benchmarks.md), the 64 MB a hostile
+    # client may cost (docs/security.md), the reload CLI in the same cgroup (~35 MiB).
+    assert _bytes(unit["MemoryMax"][0]) >= 70 * mib + 64 * 1000 * 1000 + 35 * mib
+    # About ten threads of our own plus one upload thread per project: room for dozens.
+    assert int(unit["TasksMax"][0]) >= 10 + 32
+    # Every allowed connection, the reserved ones, a burst of refused connects, the rest.
+    fds = MAX_SOCKET_CONNECTIONS + RESERVED_CONNECTIONS + LISTEN_BACKLOG + 64
+    assert int(unit["LimitNOFILE"][0]) >= fds
