@@ -235,6 +235,8 @@ class QueueRetryDead(_AdminCommand):
 class QueuePurge(_AdminCommand):
     command: Literal["queue_purge"]
     dead: bool = False
+    #: Only the queued items of this project token (`queue purge --project TOKEN`).
+    project_token: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
 
 
 TRACKING_COMMANDS: tuple[type[_Command], ...] = (

@@ -361,6 +361,16 @@ class MetricsConfig(_Section):
         return value
 
 
+class ClockConfig(_Section):
+    """Holding and correcting items stamped by a clock that is not synchronized
+    (docs/tracking.md, "Timestamps on devices without a real-time clock")."""
+
+    hold_unsynced: bool = True
+    max_hold: Annotated[float, Field(ge=0, le=7 * 24 * 3600.0)] = 6 * 3600.0
+    min_correction: Annotated[float, Field(ge=0.5, le=24 * 3600.0)] = 5.0
+    max_skew: Annotated[float, Field(ge=1.0)] = 120.0
+
+
 class AgentConfig(_Section):
     device_id: Annotated[str, Field(pattern=r"^[^#+/\s]+$", max_length=128)] = Field(
         default_factory=lambda: socket.gethostname() or "localhost"
@@ -378,6 +388,7 @@ class AgentConfig(_Section):
     socket: SocketConfig = SocketConfig()
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    clock: ClockConfig = ClockConfig()
 
     @field_validator("device_uuid")
     @classmethod

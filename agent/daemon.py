@@ -37,6 +37,7 @@ from agent.notify import Notifier
 from agent.queue_admin import run_admin
 from agent.store import Store, StoreError
 from agent.sync import Syncer
+from agent.timekeeper import Timekeeper, settings_of
 from agent.tracker.model import Outcome
 
 log = logging.getLogger("engagement_agent.daemon")
@@ -95,6 +96,7 @@ class Daemon:
         self._reload_again = False
         # Assigned in run(), once the parts they need exist.
         self.engine: Engine
+        self.clock: Timekeeper
         self.syncer: Syncer
         self.intake: Intake
         self.server: SocketServer
@@ -118,10 +120,13 @@ class Daemon:
     async def _serve(self) -> int:
         device_uuid = self.config.device_uuid or await self._device_uuid()
         device = read_device_info(device_uuid, self.config.device_type, __version__)
-        self.engine = Engine(self.store, self.config, device)
+        self.clock = Timekeeper(self.store, settings_of(self.config.clock))
+        self.clock.load()
+        self.engine = Engine(self.store, self.config, device, clock=self.clock)
         self.engine.load()
-        self.syncer = Syncer(self.store, self.config)
+        self.syncer = Syncer(self.store, self.config, clock=self.clock)
         self.store.on_enqueued = self.syncer.notify
+        self.clock.on_settled(self.syncer.clock_changed)
         self.intake = Intake(self.config, self)
         self.server = SocketServer(
             self.config.socket.path,
@@ -139,6 +144,7 @@ class Daemon:
             log.error("cannot listen on %s: %s", self.config.socket.path, exc)
             return 1
         self.syncer.start()
+        self.clock.start()
         for app, delay, background_at in self.engine.pending_timers(time.time()):
             self._arm_timer(app, delay, background_at)
         self._start_mqtt()
@@ -221,6 +227,7 @@ class Daemon:
         await self.server.close()
         self._queries.shutdown(wait=False, cancel_futures=True)
         await self._loop.run_in_executor(self._control, self.syncer.stop, SHUTDOWN_FLUSH_SECONDS)
+        await self._loop.run_in_executor(self._control, self.clock.stop)
         self._control.shutdown(wait=False)
         log.info("stopped")
 
@@ -251,6 +258,7 @@ class Daemon:
         self.engine.reload(config)
         self.intake.reload(config)
         self.syncer.reload(config)
+        self.clock.reload(settings_of(config.clock))
         if self.mqtt is not None:
             self.mqtt.reload(config)
         elif config.mqtt.enabled:
@@ -459,6 +467,7 @@ class Daemon:
                 "recovered": list(self.store.recovered),
             },
             "sync": self.syncer.status(),
+            "clock": self.clock.status(),
             "mqtt": {
                 "enabled": self.config.mqtt.enabled,
                 "connected": bool(self.mqtt is not None and self.mqtt.connected),

@@ -7,6 +7,7 @@ for the agent not to start, so each reader falls back instead of raising.
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 from pathlib import Path
@@ -64,6 +65,25 @@ def os_version(root: Path = Path("/")) -> str:
             return value
         break  # the first existing file is the authoritative one, even without VERSION_ID
     return _clean(platform.release())
+
+
+#: Tests simulate a reboot by pointing this environment variable at a file of their own
+#: holding the boot id (docs/tracking.md); never set on a device. Not `ENGAGEMENT_AGENT_…`:
+#: that prefix is the config's (docs/configuration.md).
+BOOT_ID_PATH_ENV = "ENGAGEMENT_TEST_BOOT_ID_PATH"
+
+
+def boot_id(root: Path = Path("/")) -> str | None:
+    """The kernel's id of this boot (a UUID, new at every boot), or None when unreadable.
+
+    Recorded with every queued item: together with the monotonic clock it says whether an
+    item was accepted in this boot, which a restart of the agent alone does not change.
+    """
+    override = os.environ.get(BOOT_ID_PATH_ENV)
+    path = Path(override) if override else root / "proc" / "sys" / "kernel" / "random" / "boot_id"
+    text = _read_text(path)
+    value = _clean(text or "")
+    return value or None
 
 
 def device_model(root: Path = Path("/")) -> str:

@@ -11,13 +11,18 @@ from __future__ import annotations
 import concurrent.futures
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from agent import device as device_files
 from agent import tracker
+from agent.clock import boot_monotonic
 from agent.config import AgentConfig
 from agent.errors import UnknownApp
 from agent.store import Store, Txn
 from agent.tracker.model import AppSettings, AppState, Context, DeviceInfo, Outcome
+
+if TYPE_CHECKING:
+    from agent.timekeeper import Timekeeper
 
 
 def _new_uuid() -> str:
@@ -32,10 +37,16 @@ class Engine:
         device: DeviceInfo,
         *,
         new_uuid: Callable[[], str] = _new_uuid,
+        boot_id: str | None = None,
+        clock: Timekeeper | None = None,
     ) -> None:
         self._store = store
         self._device = device
         self._new_uuid = new_uuid
+        self._clock = clock
+        if clock is not None:
+            boot_id = clock.boot_id
+        self._boot_id = boot_id if boot_id is not None else device_files.boot_id()
         # The config and the settings derived from it travel together: a reload swaps both in
         # one assignment, so the writer can never cache old settings under a new config.
         self._settings: tuple[AgentConfig, dict[str, AppSettings]] = (config, {})
@@ -133,7 +144,14 @@ class Engine:
             # make the agent remember is bounded (docs/configuration.md, apps.max_apps).
             raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
         outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
-        txn.enqueue(outcome.items, now)
+        if self._clock is not None:
+            # Held while the true time is unknown (docs/tracking.md); the monotonic time is
+            # the moment of `now` on the boot's clock.
+            boot_id: str | None
+            boot_id, mono, held = self._clock.stamp(now)
+        else:
+            boot_id, mono, held = self._boot_id, boot_monotonic(), False
+        txn.enqueue(outcome.items, now, app=app, boot_id=boot_id, mono=mono, held=held)
         if outcome.state != (state or AppState()):
             txn.save_app_state(app, outcome.state)
             self._pending[app] = outcome.state

@@ -4,6 +4,7 @@
     python3 bench/run.py --quick      # 1 run each, small sizes: a smoke check (~3 minutes)
     python3 bench/run.py --million    # plus the 1,000,000-item backlog runs (~+5 minutes)
     python3 bench/run.py --no-write   # print only, leave docs/benchmarks.md alone
+    python3 bench/run.py --only flash # one benchmark (names: queue sync mqtt socket daemon flash)
 
 Each benchmark runs as its own process (a crash or hang of one is reported as a failed row
 and the rest still run), writes its results as JSON, and its own table goes to the terminal
@@ -185,6 +186,50 @@ def mqtt_rows(stdout: str) -> list[Row]:
     return rows
 
 
+def flash_rows(result: dict[str, Any]) -> list[Row]:
+    """bench_flash.py: bytes written per event, beside the append+fdatasync floor."""
+    rows = []
+    for r in result["ingest"]:
+        full_20 = r["durability"] == "full" and r["rate"] == 20 and not r.get("uploaded")
+        rows.append(
+            Row(
+                f"storage writes per event, durability {r['durability']}, "
+                f"{r['rate']:g} command/s one at a time"
+                + (", each uploaded and deleted as it comes" if r.get("uploaded") else ""),
+                [r["bytes_per_event"]],
+                "B",
+                target=8192 if full_20 else None,
+                better="lower",
+                baseline=r["floor_per_event"],
+                baseline_label="append + fdatasync per line, same run",
+                note=f"{r['events']} events of {r['line_bytes']} B",
+            )
+        )
+        if full_20:
+            rows.append(
+                Row(
+                    "storage writes per event / floor, durability full, 20/s",
+                    [r["vs_floor"]],
+                    "×",
+                    target=2.0,
+                    better="lower",
+                    digits=2,
+                )
+            )
+    for r in result["drain"]:
+        rows.append(
+            Row(
+                f"storage writes per event uploaded and deleted, durability {r['durability']}",
+                [r["bytes_per_event"]],
+                "B",
+                target=2048 if r["durability"] == "full" else None,
+                better="lower",
+                note=f"drain of {r['events']} events to the stand-in",
+            )
+        )
+    return rows
+
+
 def json_rows(result: dict[str, Any]) -> list[Row]:
     """bench_socket.py / bench_daemon.py / bench_hostile.py write rows already."""
     rows = []
@@ -211,6 +256,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
     mqtt_args = ["--count", "10000", "--rounds", "1"] if quick else []
     socket_args = ["--quick"] if quick else []
     daemon_args = ["--quick"] if quick else []
+    flash_args = ["--quick"] if quick else []
     if million:
         queue_args.append("--million")
         daemon_args.append("--million")
@@ -224,6 +270,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
         Bench("socket", "bench_socket.py", socket_args, json_rows),
         Bench("daemon", "bench_daemon.py", daemon_args, json_rows),
         Bench("hostile", "bench_hostile.py", ["--quick"] if quick else [], json_rows),
+        Bench("flash", "bench_flash.py", flash_args, flash_rows),
     ]
     return result
 

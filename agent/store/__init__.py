@@ -3,7 +3,8 @@
     store = Store(config.queue)
     store.open()                       # lock, check/recover, migrate, start the writer
     store.submit(lambda txn: txn.enqueue(items, now)).result()   # committed when it returns
-    store.read_batch(project_id, 50)   # any thread; a connection per thread
+    store.read_batch(project_id, 50)   # any thread; a connection per thread; skips held items
+    store.queue_entries()              # what `queue list` shows: token, app, kind, age, size
     store.close()                      # drains submitted ops
 
 Modules: `model` (values and errors), `schema` (DDL, pragmas, migrations), `files` (lock,
@@ -18,8 +19,10 @@ from agent.store.core import MAX_BATCH, Store
 from agent.store.model import (
     SCHEMA_VERSION,
     DeadLetter,
+    DeadLetterEntry,
     ProjectRow,
     QueuedItem,
+    QueueEntry,
     QueueStats,
     StoreError,
     StoreLocked,
@@ -31,7 +34,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "AgentError",
     "DeadLetter",
+    "DeadLetterEntry",
     "ProjectRow",
+    "QueueEntry",
     "QueueStats",
     "QueuedItem",
     "Store",

@@ -19,13 +19,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from agent.clock import Releasable
 from agent.config import QueueConfig
 from agent.errors import AgentError, Unavailable
 from agent.store import files, schema
 from agent.store.model import (
     DeadLetter,
+    DeadLetterEntry,
     ProjectRow,
     QueuedItem,
+    QueueEntry,
     QueueStats,
     StoreError,
     StoreLocked,
@@ -47,6 +50,14 @@ _FATAL_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
 _SQLITE_FULL = 13
 #: Seconds between "queue full, dropping oldest" warnings.
 _EVICTION_LOG_PERIOD = 60.0
+#: The history counters (dropped, rejected) are written at most this often, and at close:
+#: under a long outage with a full queue every command drops one, and writing the counter with
+#: each would dirty a page per command. A crash loses at most this long of their increments.
+HISTORY_SAVE_PERIOD = 60.0
+_ITEM_COLUMNS = "id, project_id, payload, created_at, app, kind, boot_id, accepted_mono, held"
+_DEAD_COLUMNS = (
+    "id, project_id, payload, created_at, failed_at, reason, app, kind, boot_id, accepted_mono"
+)
 
 
 class _BatchFailed(Exception):
@@ -172,7 +183,9 @@ class Store:
         self._lock: files.LockedFile | None = None
         self._published = Counters()
         self._current_txn: Txn | None = None
-        self._save_all_counters = False
+        self._saved_history: tuple[int, int, int] = (0, 0, 0)
+        self._history_writing: tuple[int, int, int] | None = None
+        self._history_saved_at = 0.0
         self._reopen_writer = False
         self._failing: str | None = None
         self._last_eviction_log = -_EVICTION_LOG_PERIOD
@@ -275,7 +288,9 @@ class Store:
     def _connect_and_migrate(self, path: str) -> sqlite3.Connection:
         conn = self._connect_writer()
         try:
-            schema.migrate(conn, path)
+            if schema.migrate(conn, path) and schema.compact(conn, path):
+                conn.close()  # a fresh connection derives its settings from the new layout
+                conn = self._connect_writer()
         except BaseException:
             conn.close()
             raise
@@ -291,17 +306,30 @@ class Store:
 
     def _start(self, conn: sqlite3.Connection) -> None:
         try:
-            values = schema.load_counters(conn)
-            head = conn.execute("SELECT created_at FROM outbox ORDER BY id LIMIT 1").fetchone()
-            projects = conn.execute(
-                "SELECT id, base_url, project_token, authorization_token FROM projects"
-            ).fetchall()
+            loaded = schema.Loaded(conn)
+            projects = conn.execute("SELECT id, base_url, project_token FROM projects").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read queue database {self._path}: {exc}") from exc
-        counters = Counters(**values, head_created_at=head[0] if head else None)
+        counters = Counters(
+            items=loaded.items,
+            bytes=loaded.bytes,
+            held=loaded.held,
+            sendable=loaded.sendable,
+            dead_items=loaded.dead_items,
+            dead_bytes=loaded.dead_bytes,
+            dropped=loaded.history["dropped"],
+            rejected=loaded.history["rejected"],
+            dead_dropped=loaded.history["dead_dropped"],
+            head_created_at=loaded.head_created_at,
+        )
+        counters.outbox_reserved = loaded.ids["outbox"][1]
+        counters.dead_reserved = loaded.ids["dead_letters"][1]
         state = WriterState(conn, self.config, counters)
+        state.next_id = max(loaded.ids["outbox"]) + 1
+        state.next_dead_id = max(loaded.ids["dead_letters"]) + 1
         state.projects = {(row[1], row[2]): ProjectRow(*row) for row in projects}
-        self._save_all_counters = True
+        self._saved_history = counters.history()
+        self._history_saved_at = time.monotonic()
         self._commits = 0
         self._writer = state
         self._published = counters.copy()
@@ -339,6 +367,10 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 reader.close()
         if self._writer is not None:
+            try:
+                self._save_history(self._writer)
+            except sqlite3.Error as exc:
+                log.warning("saving the queue's counters at close: %s", exc)
             try:
                 self._writer.conn.close()  # the last connection checkpoints and removes the WAL
             except sqlite3.Error as exc:
@@ -476,12 +508,18 @@ class Store:
             self._batch_failed(state, start, evicted_before, cause, batch, started)
             return
         self._commits += 1
+        if self._history_writing is not None:
+            self._saved_history, self._history_writing = self._history_writing, None
+            self._history_saved_at = time.monotonic()
         state.publish_projects()
         self._published = state.counters.copy()
         if self._failing is not None:
             log.warning("queue database writes succeed again")
             self._failing = None
         self._log_evictions(state)
+        if state.vacuum_wanted:
+            state.vacuum_wanted = False
+            self._vacuum(state)
         enqueued: set[int] = set()
         finished: list[_Group] = []
         for op, txn, error in failed:
@@ -543,21 +581,39 @@ class Store:
         return (value,)
 
     def _finish(self, conn: sqlite3.Connection, state: WriterState, start: Counters) -> None:
-        """Counters and the queue head, written in the same transaction as the rows."""
+        """Buffered rows, the queue head, and what must be stored with them: the id floors
+        after deletes, and the history counters when they are due (`HISTORY_SAVE_PERIOD`).
+        Queue totals are not stored (counted at open): a command dirties no counter page."""
         state.flush()
         counters = state.counters
         if state.head_dirty:
             head = conn.execute("SELECT created_at FROM outbox ORDER BY id LIMIT 1").fetchone()
             counters.head_created_at = head[0] if head else None
             state.head_dirty = False
-        rows = [
-            (key, str(getattr(counters, name)))
-            for name, key in schema.COUNTER_KEYS.items()
-            if self._save_all_counters or getattr(counters, name) != getattr(start, name)
-        ]
+        rows = state.id_floors()
+        history = counters.history()
+        due = time.monotonic() - self._history_saved_at >= HISTORY_SAVE_PERIOD
+        if history != self._saved_history and (due or rows):
+            rows.extend(zip(schema.HISTORY_KEYS.values(), map(str, history), strict=True))
+            self._history_writing = history
         if rows:
             conn.executemany(UPSERT_META, rows)
-        self._save_all_counters = False
+
+    def _save_history(self, state: WriterState) -> None:
+        """At close: the history counters, if they changed since they were last written."""
+        history = state.counters.history()
+        if history == self._saved_history:
+            return
+        state.conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = zip(schema.HISTORY_KEYS.values(), map(str, history), strict=True)
+            state.conn.executemany(UPSERT_META, rows)
+            state.conn.execute("COMMIT")
+        except BaseException:
+            if state.conn.in_transaction:
+                state.conn.execute("ROLLBACK")
+            raise
+        self._saved_history = history
 
     def _batch_failed(
         self,
@@ -576,6 +632,7 @@ class Store:
         state.counters = start
         state.staged_projects = {}
         state.discard()
+        self._history_writing = None
         state.head_dirty = False
         state.evicted_since_log = evicted_before
         if not _is_disk_full(cause):
@@ -600,6 +657,21 @@ class Store:
             if future is None or future.running() or future.set_running_or_notify_cancel():
                 op.settle(error, finished, failed=True)
         _call_groups(finished)
+
+    def _vacuum(self, state: WriterState) -> None:
+        """After a purge: rebuild the file when most of it is free pages, so it shrinks (the
+        file has no auto_vacuum: that would write a pointer-map page with most commands).
+        Best effort: on a full disk the free pages stay and are reused."""
+        conn = state.conn
+        try:
+            (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            if free * 2 < pages:
+                return
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("queue database %s: could not shrink the file: %s", self._path, exc)
 
     def _reconnect(self, state: WriterState) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -630,8 +702,7 @@ class Store:
         state = self._writer
         if state is not None:
             row = state.projects.get(project_key(project))
-            token = project.authorization_token
-            if row is not None and (not token or token == row.authorization_token):
+            if row is not None:
                 return row
         if self._thread is not None and threading.current_thread() is self._thread:
             if self._current_txn is None:
@@ -674,14 +745,13 @@ class Store:
             dead_letter_bytes=c.dead_bytes,
             oldest_age=oldest,
             dead_letters_dropped=c.dead_dropped,
+            held=c.held,
         )
 
     def projects(self) -> list[ProjectRow]:
         rows = (
             self.reader()
-            .execute(
-                "SELECT id, base_url, project_token, authorization_token FROM projects ORDER BY id"
-            )
+            .execute("SELECT id, base_url, project_token FROM projects ORDER BY id")
             .fetchall()
         )
         return [ProjectRow(*row) for row in rows]
@@ -700,49 +770,174 @@ class Store:
         row = self.reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def read_batch(self, project_id: int, limit: int, after_id: int = 0) -> list[QueuedItem]:
-        """Oldest first: the project's next `limit` items with id > after_id."""
+    def read_batch(
+        self,
+        project_id: int,
+        limit: int,
+        after_id: int = 0,
+        release: Releasable | None = None,
+    ) -> list[QueuedItem]:
+        """Oldest first: the project's next `limit` items with id > after_id that are not held,
+        or held but released by `release` (the clock's rule, `agent.clock.Releasable`: the
+        release rewrites no row, so the stored bytes and the byte accounting never change).
+
+        The outbox has no per-project index (it would cost a page written per command): the
+        committed counters say whether the project has anything to send at all, and from which
+        id on, so a project with nothing sendable costs no read and a scan starts near its
+        first item rather than at the head of the whole queue. Released held items have no
+        such bound: while some are queued, the scan starts at `after_id`.
+        """
+        if release is not None and self._published.held and not release.only_unheld:
+            where, params = _released_sql(release)
+            rows = (
+                self.reader()
+                .execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id > ? AND project_id = ? "
+                    f"AND (held = 0 OR {where}) ORDER BY id LIMIT ?",
+                    (after_id, project_id, *params, limit),
+                )
+                .fetchall()
+            )
+            return [_item(row) for row in rows]
+        entry = self._published.sendable.get(project_id)
+        if entry is None:
+            return []
+        start = max(after_id, entry[1] - 1)
         rows = (
             self.reader()
             .execute(
-                "SELECT id, project_id, payload, created_at FROM outbox "
-                "WHERE project_id = ? AND id > ? ORDER BY id LIMIT ?",
-                (project_id, after_id, limit),
+                f"SELECT {_ITEM_COLUMNS} FROM outbox "
+                "WHERE id > ? AND project_id = ? AND held = 0 ORDER BY id LIMIT ?",
+                (start, project_id, limit),
             )
             .fetchall()
         )
-        return [QueuedItem(*row) for row in rows]
+        return [_item(row) for row in rows]
+
+    def held_waiting(self, release: Releasable) -> int:
+        """How many held items `release` does not release yet (status: `clock.held`)."""
+        if not self._published.held or release.everything:
+            return 0
+        if release.only_unheld:
+            return self._published.held
+        where, params = _released_sql(release)
+        (count,) = (
+            self.reader()
+            .execute(
+                f"SELECT count(*) FROM outbox WHERE held != 0 AND NOT coalesce({where}, 0)",
+                params,
+            )
+            .fetchone()
+        )
+        return int(count)
+
+    def has_held(self, project_id: int, boot_id: str) -> bool:
+        """Does the project hold items accepted in this boot (they wait for its true time)?"""
+        if not self._published.held:
+            return False
+        row = (
+            self.reader()
+            .execute(
+                "SELECT 1 FROM outbox WHERE held != 0 AND project_id = ? AND boot_id = ? LIMIT 1",
+                (project_id, boot_id),
+            )
+            .fetchone()
+        )
+        return row is not None
 
     def list_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
+        """Queued items with their payloads, oldest first (held ones included)."""
         rows = (
             self.reader()
             .execute(
-                "SELECT id, project_id, payload, created_at FROM outbox "
-                "WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
             .fetchall()
         )
-        return [QueuedItem(*row) for row in rows]
+        return [_item(row) for row in rows]
+
+    def held_items(self, limit: int = 100, after_id: int = 0) -> list[QueuedItem]:
+        """Held items (see `Txn.set_held`), oldest first."""
+        if self._published.held == 0:
+            return []
+        rows = (
+            self.reader()
+            .execute(
+                f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id > ? AND held != 0 "
+                "ORDER BY id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [_item(row) for row in rows]
 
     def get_item(self, item_id: int) -> QueuedItem | None:
         row = (
             self.reader()
-            .execute(
-                "SELECT id, project_id, payload, created_at FROM outbox WHERE id = ?", (item_id,)
-            )
+            .execute(f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE id = ?", (item_id,))
             .fetchone()
         )
-        return None if row is None else QueuedItem(*row)
+        return None if row is None else _item(row)
 
     def dead_letters(self, limit: int = 100, after_id: int = 0) -> list[DeadLetter]:
         rows = (
             self.reader()
             .execute(
-                "SELECT id, project_id, payload, created_at, failed_at, reason FROM dead_letters "
-                "WHERE id > ? ORDER BY id LIMIT ?",
+                f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
             .fetchall()
         )
         return [DeadLetter(*row) for row in rows]
+
+    def queue_entries(self, limit: int = 100, after_id: int = 0) -> list[QueueEntry]:
+        """Queued items as `queue list` shows them (project by token, no payload)."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT o.id, p.project_token, p.base_url, o.app, o.kind, o.created_at, o.size, "
+                "o.held != 0 FROM outbox o JOIN projects p ON p.id = o.project_id "
+                "WHERE o.id > ? ORDER BY o.id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [QueueEntry(*row) for row in rows]
+
+    def dead_letter_entries(self, limit: int = 100, after_id: int = 0) -> list[DeadLetterEntry]:
+        """Dead letters as `queue dead-letters` shows them, with the API's reason."""
+        rows = (
+            self.reader()
+            .execute(
+                "SELECT d.id, p.project_token, p.base_url, d.app, d.kind, d.created_at, d.size, "
+                "d.failed_at, d.reason FROM dead_letters d JOIN projects p "
+                "ON p.id = d.project_id WHERE d.id > ? ORDER BY d.id LIMIT ?",
+                (after_id, limit),
+            )
+            .fetchall()
+        )
+        return [DeadLetterEntry(*row) for row in rows]
+
+
+def _released_sql(release: Releasable) -> tuple[str, tuple[Any, ...]]:
+    """The SQL condition (and its parameters) under which a held row is released."""
+    if release.everything:
+        return "1", ()
+    boots = release.boots
+    marks = ", ".join("?" * len(boots))
+    clauses = [f"(boot_id IN ({marks}) AND accepted_mono IS NOT NULL)"] if boots else []
+    clauses.append("(boot_id = ? AND accepted_mono <= ?)")
+    params: list[Any] = [*boots, release.current_boot, release.current_until]
+    if release.earlier_boots:
+        # Rows without a boot id or monotonic time cannot be corrected: like an earlier boot's.
+        clauses.append("(boot_id IS NULL OR boot_id != ? OR accepted_mono IS NULL)")
+        params.append(release.current_boot)
+    return " OR ".join(clauses), tuple(params)
+
+
+def _item(row: tuple[Any, ...]) -> QueuedItem:
+    item_id, project_id, payload, created_at, app, kind, boot_id, mono, held = row
+    return QueuedItem(
+        item_id, project_id, payload, created_at, app, kind, boot_id, mono, bool(held)
+    )

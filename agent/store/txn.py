@@ -1,23 +1,23 @@
 """What an operation can do inside the writer's transaction, and the exact counters it keeps.
 
 Counters (items, bytes, dropped, ...) live in memory so `stats()` and the cap check never scan
-the table; they are written to `meta` in the same transaction as the rows they describe, so a
-crash can never leave them disagreeing with the data.
+the table. The queue totals are never stored: the store counts them from the tables when it
+opens, so no crash can leave them disagreeing with the data, and a command does not dirty a
+counter page (docs/architecture.md, "Storage writes").
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 
 from agent.errors import QueueFull
 from agent.store.model import ProjectRow
-from agent.store.schema import RESERVED_META_PREFIX
+from agent.store.schema import ID_RESERVED_KEYS, MAX_KIND_CHARS, RESERVED_META_PREFIX
 from agent.tracker.model import AppState, OutboundItem, Project
 
 if TYPE_CHECKING:
@@ -27,8 +27,16 @@ if TYPE_CHECKING:
 _CHUNK = 500
 #: Longest dead-letter reason kept; reasons come from API responses we do not control.
 _MAX_REASON = 2000
+#: Longest app name and boot id kept on an item (both are far shorter in practice).
+_MAX_LABEL = 256
+#: Ids reserved ahead whenever the id floor is written: deletes then write the floor once per
+#: this many new ids at most, instead of once per upload batch.
+ID_BLOCK = 4096
 
 ProjectKey = tuple[str, str]
+#: An outbox row as inserted: id, project_id, held, size, created_at, accepted_mono, boot_id,
+#: app, kind, payload.
+Row = tuple[int, int, int, int, float, float | None, str | None, str | None, str | None, bytes]
 
 _json_encode = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, check_circular=False, allow_nan=False
@@ -53,17 +61,28 @@ def _encode_payload(payload: Any) -> bytes:
 
 
 class Counters:
-    """Exact totals; copied before every op so a rolled-back op can restore them cheaply."""
+    """Exact totals; copied before every op so a rolled-back op can restore them cheaply.
+
+    `sendable` maps a project id to (its queued items that are not held, a lower bound of
+    their ids): readers skip projects with nothing to send without touching the file, and
+    start scanning at the bound instead of at the head of the whole outbox (there is no
+    per-project index; see docs/architecture.md). Values are tuples, so a copy of the dict is
+    a full copy.
+    """
 
     __slots__ = (
         "bytes",
         "dead_bytes",
         "dead_dropped",
         "dead_items",
+        "dead_reserved",
         "dropped",
         "head_created_at",
+        "held",
         "items",
+        "outbox_reserved",
         "rejected",
+        "sendable",
     )
 
     def __init__(
@@ -76,6 +95,10 @@ class Counters:
         rejected: int = 0,
         dead_dropped: int = 0,
         head_created_at: float | None = None,
+        held: int = 0,
+        sendable: dict[int, tuple[int, int]] | None = None,
+        outbox_reserved: int = 0,
+        dead_reserved: int = 0,
     ) -> None:
         self.items = items
         self.bytes = bytes
@@ -86,6 +109,11 @@ class Counters:
         self.dead_dropped = dead_dropped
         #: created_at of the first queued row by id; None when the outbox is empty.
         self.head_created_at = head_created_at
+        self.held = held
+        self.sendable: dict[int, tuple[int, int]] = sendable if sendable is not None else {}
+        #: The persisted id floors (`schema.ID_RESERVED_KEYS`) as committed.
+        self.outbox_reserved = outbox_reserved
+        self.dead_reserved = dead_reserved
 
     def copy(self) -> Counters:
         return Counters(
@@ -97,7 +125,41 @@ class Counters:
             self.rejected,
             self.dead_dropped,
             self.head_created_at,
+            self.held,
+            dict(self.sendable),
+            self.outbox_reserved,
+            self.dead_reserved,
         )
+
+    def history(self) -> tuple[int, int, int]:
+        return (self.dropped, self.rejected, self.dead_dropped)
+
+    def add_sendable(self, project_id: int, count: int, first_id: int) -> None:
+        n, bound = self.sendable.get(project_id, (0, first_id))
+        self.sendable[project_id] = (n + count, min(bound, first_id))
+
+    def unsendable(self, project_id: int) -> None:
+        """One of the project's sendable items was deleted or held."""
+        n, bound = self.sendable[project_id]
+        if n > 1:
+            self.sendable[project_id] = (n - 1, bound)
+        else:
+            del self.sendable[project_id]
+
+    def removed(self, rows: Iterable[tuple[int, int, int]]) -> tuple[int, int]:
+        """Account for deleted outbox rows given as (project_id, held, size); returns
+        (items, bytes) removed."""
+        count = size_sum = 0
+        for project_id, held, size in rows:
+            count += 1
+            size_sum += size
+            if held:
+                self.held -= 1
+            else:
+                self.unsendable(project_id)
+        self.items -= count
+        self.bytes -= size_sum
+        return count, size_sum
 
 
 class WriterState:
@@ -114,8 +176,15 @@ class WriterState:
         self.staged_projects: dict[ProjectKey, ProjectRow] = {}
         self.evicted_since_log = 0
         self.head_dirty = False
+        #: Next ids to hand out (never reused: see `schema.ID_RESERVED_KEYS`).
+        self.next_id = 1
+        self.next_dead_id = 1
+        #: Whether the batch in progress deleted rows (then the id floor may need saving).
+        self.deleted: set[str] = set()
+        #: A purge asked for the file to shrink after the commit.
+        self.vacuum_wanted = False
         #: Writes of the batch's finished ops not yet sent to SQLite (see `Txn`).
-        self.rows: list[tuple[int, int, float, bytes]] = []
+        self.rows: list[Row] = []
         self.states: dict[str, str] = {}
         self.meta: dict[str, str] = {}
         self.encode = _encode_payload
@@ -131,6 +200,26 @@ class WriterState:
         self.rows = []
         self.states = {}
         self.meta = {}
+        self.deleted.clear()
+        self.vacuum_wanted = False
+
+    def id_floors(self) -> list[tuple[str, str]]:
+        """The id floors to write with the batch in progress (and now counted as written).
+
+        Needed only after deletes, and only once the ids handed out have passed the floor:
+        otherwise the table's own maximum is already a floor. Each write reserves `ID_BLOCK`
+        ids ahead, so a steady drain writes it once per that many items, not per batch.
+        """
+        floors = []
+        counters = self.counters
+        if "outbox" in self.deleted and self.next_id - 1 > counters.outbox_reserved:
+            counters.outbox_reserved = self.next_id - 1 + ID_BLOCK
+            floors.append((ID_RESERVED_KEYS["outbox"], str(counters.outbox_reserved)))
+        if "dead_letters" in self.deleted and self.next_dead_id - 1 > counters.dead_reserved:
+            counters.dead_reserved = self.next_dead_id - 1 + ID_BLOCK
+            floors.append((ID_RESERVED_KEYS["dead_letters"], str(counters.dead_reserved)))
+        self.deleted.clear()
+        return floors
 
     def publish_projects(self) -> None:
         if self.staged_projects:
@@ -138,7 +227,11 @@ class WriterState:
             self.staged_projects = {}
 
 
-_INSERT_ROW = "INSERT INTO outbox (project_id, size, created_at, payload) VALUES (?, ?, ?, ?)"
+_INSERT_ROW = (
+    "INSERT INTO outbox "
+    "(id, project_id, held, size, created_at, accepted_mono, boot_id, app, kind, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _UPSERT_STATE = (
     "INSERT INTO app_states (app, state) VALUES (?, ?) "
     "ON CONFLICT (app) DO UPDATE SET state = excluded.state"
@@ -151,7 +244,7 @@ UPSERT_META = (
 
 def write_buffers(
     conn: sqlite3.Connection,
-    rows: list[tuple[int, int, float, bytes]],
+    rows: list[Row],
     states: dict[str, str],
     meta: dict[str, str],
 ) -> None:
@@ -180,6 +273,18 @@ def _chunks(ids: Iterable[int]) -> Iterator[list[int]]:
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _kind(payload: Any) -> str | None:
+    """What an item is, for `queue list`: its event type, or `customer` for a customer
+    update; None when the payload says neither."""
+    if not isinstance(payload, Mapping):
+        return None
+    if payload.get("name") == "customers":
+        return "customer"
+    data = payload.get("data")
+    event_type = data.get("event_type") if isinstance(data, Mapping) else None
+    return event_type[:MAX_KIND_CHARS] if isinstance(event_type, str) else None
 
 
 class Txn:
@@ -217,7 +322,7 @@ class Txn:
         self.rollback_hooks: list[Callable[[], object]] = []
         self.new_projects: dict[ProjectKey, ProjectRow] = {}
         self.enqueued_projects: set[int] = set()
-        self.rows: list[tuple[int, int, float, bytes]] = []
+        self.rows: list[Row] = []
         self.states: dict[str, str] = {}
         self.meta: dict[str, str] = {}
         #: Whether this op's SAVEPOINT is open (it ran SQL directly).
@@ -225,8 +330,21 @@ class Txn:
         self.closed = False
 
     # -- outbox ---------------------------------------------------------------------------------
-    def enqueue(self, items: Sequence[OutboundItem], now: float) -> None:
+    def enqueue(
+        self,
+        items: Sequence[OutboundItem],
+        now: float,
+        *,
+        app: str | None = None,
+        boot_id: str | None = None,
+        mono: float | None = None,
+        held: bool = False,
+    ) -> None:
         """Queue one row per item (items are already one per project copy).
+
+        `app`, `boot_id` and `mono` (monotonic seconds at accept) are recorded with every row;
+        the kind (event type, or `customer`) is read from the payload. `held` rows wait in
+        the queue and are not uploaded until `set_held(ids, False)`.
 
         Raises `QueueFull` when the items alone exceed `max_bytes`, or when the cap is reached
         under the `reject` policy; under `drop_oldest` the oldest rows (of any project) go.
@@ -234,13 +352,12 @@ class Txn:
         self._check()
         if not items:
             return
-        rows = []
+        encoded = []
         total = 0
         encode = self._state.encode
         for item in items:
             payload = encode(item.payload)
-            project_id = self.project_for(item.project).id
-            rows.append((project_id, len(payload), now, payload))
+            encoded.append((self.project_for(item.project).id, _kind(item.payload), payload))
             total += len(payload)
         counters = self._state.counters
         cap = self._state.config.max_bytes
@@ -259,12 +376,40 @@ class Txn:
                     "is reject; the command was not queued"
                 )
             self._evict_oldest(excess)
-        self.rows.extend(rows)
+        app = None if app is None else app[:_MAX_LABEL]
+        boot_id = None if boot_id is None else boot_id[:_MAX_LABEL]
+        flag = int(held)
+        state = self._state
+        for project_id, kind, payload in encoded:
+            row_id = state.next_id
+            state.next_id += 1
+            self.rows.append(
+                (row_id, project_id, flag, len(payload), now, mono, boot_id, app, kind, payload)
+            )
+            if held:
+                counters.held += 1
+            else:
+                counters.add_sendable(project_id, 1, row_id)
+            self.enqueued_projects.add(project_id)
         if counters.items == 0:
-            self._state.head_dirty = True
-        counters.items += len(rows)
+            state.head_dirty = True
+        counters.items += len(encoded)
         counters.bytes += total
-        self.enqueued_projects.update(row[0] for row in rows)
+
+    def _delete_outbox(self, where: str, params: Sequence[Any]) -> tuple[int, int]:
+        """Delete outbox rows and account for them; returns (items, bytes) removed."""
+        rows = (
+            self._sql()
+            .execute(
+                f"DELETE FROM outbox WHERE {where} RETURNING project_id, held, size",
+                params,
+            )
+            .fetchall()
+        )
+        if rows:
+            self._state.deleted.add("outbox")
+            self._state.head_dirty = True
+        return self._state.counters.removed(rows)
 
     def _evict_oldest(self, need: int) -> None:
         counters = self._state.counters
@@ -281,37 +426,24 @@ class Txn:
             if not rows:
                 break
             last = rows[-1][0]
+            goal = freed
             for row_id, size in rows:
-                freed += size
-                evicted += 1
+                goal += size
                 last = row_id
-                if freed >= need:
+                if goal >= need:
                     break
-            self._sql().execute("DELETE FROM outbox WHERE id <= ?", (last,))
-        counters.items -= evicted
-        counters.bytes -= freed
+            count, size_sum = self._delete_outbox("id <= ?", (last,))
+            freed += size_sum
+            evicted += count
         counters.dropped += evicted
         self._state.evicted_since_log += evicted
-        self._state.head_dirty = True
 
     def ack(self, ids: Iterable[int]) -> int:
         """Delete delivered rows; ids already gone (evicted, purged, acked twice) are fine."""
         self._check()
-        counters = self._state.counters
         deleted = 0
         for chunk in _chunks(ids):
-            sizes = (
-                self._sql()
-                .execute(
-                    f"DELETE FROM outbox WHERE id IN ({_marks(len(chunk))}) RETURNING size", chunk
-                )
-                .fetchall()
-            )
-            deleted += len(sizes)
-            counters.bytes -= sum(size for (size,) in sizes)
-        counters.items -= deleted
-        if deleted:
-            self._state.head_dirty = True
+            deleted += self._delete_outbox(f"id IN ({_marks(len(chunk))})", chunk)[0]
         return deleted
 
     def dead_letter(self, entries: Iterable[tuple[int, str]], now: float) -> int:
@@ -319,35 +451,53 @@ class Txn:
         self._check()
         reasons = {int(item_id): str(reason)[:_MAX_REASON] for item_id, reason in entries}
         counters = self._state.counters
+        state = self._state
         moved = 0
         for chunk in _chunks(reasons):
             rows = (
                 self._sql()
                 .execute(
                     f"DELETE FROM outbox WHERE id IN ({_marks(len(chunk))}) "
-                    "RETURNING id, project_id, size, created_at, payload",
+                    "RETURNING id, project_id, held, size, created_at, accepted_mono, boot_id, "
+                    "app, kind, payload",
                     chunk,
                 )
                 .fetchall()
             )
+            if not rows:
+                continue
             rows.sort()
+            dead_rows = []
+            for rid, pid, _, size, created, mono, boot, app, kind, body in rows:
+                dead_rows.append(
+                    (
+                        state.next_dead_id,
+                        pid,
+                        size,
+                        created,
+                        now,
+                        reasons[rid],
+                        mono,
+                        boot,
+                        app,
+                        kind,
+                        body,
+                    )
+                )
+                state.next_dead_id += 1
             self._sql().executemany(
-                "INSERT INTO dead_letters "
-                "(project_id, size, created_at, failed_at, reason, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (pid, size, created, now, reasons[rid], body)
-                    for rid, pid, size, created, body in rows
-                ],
+                "INSERT INTO dead_letters (id, project_id, size, created_at, failed_at, reason, "
+                "accepted_mono, boot_id, app, kind, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                dead_rows,
             )
-            moved += len(rows)
-            size_sum = sum(row[2] for row in rows)
-            counters.items -= len(rows)
-            counters.bytes -= size_sum
-            counters.dead_items += len(rows)
+            state.deleted.add("outbox")
+            count, size_sum = counters.removed((row[1], row[2], row[3]) for row in rows)
+            moved += count
+            counters.dead_items += count
             counters.dead_bytes += size_sum
         if moved:
-            self._state.head_dirty = True
+            state.head_dirty = True
             self._trim_dead_letters()
         return moved
 
@@ -373,6 +523,7 @@ class Txn:
                 if freed >= need:
                     break
             self._sql().execute("DELETE FROM dead_letters WHERE id <= ?", (last,))
+            self._state.deleted.add("dead_letters")
             counters.dead_items -= count
             counters.dead_bytes -= freed
             counters.dead_dropped += count
@@ -419,25 +570,32 @@ class Txn:
                     f"({counters.bytes} of {cap} bytes used) and queue.on_full is reject"
                 )
             self._evict_oldest(excess)
+        if counters.items == 0:
+            self._state.head_dirty = True
+        state = self._state
         for chunk in chunks:
             if chunk is not None:
                 where = f"id IN ({_marks(len(chunk))})"
             params = chunk or ()
-            projects = (
+            rows = (
                 self._sql()
-                .execute(f"SELECT DISTINCT project_id FROM dead_letters WHERE {where}", params)
+                .execute(
+                    "DELETE FROM dead_letters WHERE "
+                    f"{where} RETURNING id, project_id, size, created_at, accepted_mono, "
+                    "boot_id, app, kind, payload",
+                    params,
+                )
                 .fetchall()
             )
-            self.enqueued_projects.update(pid for (pid,) in projects)
-            self._sql().execute(
-                "INSERT INTO outbox (project_id, size, created_at, payload) "
-                f"SELECT project_id, size, created_at, payload FROM dead_letters WHERE {where} "
-                "ORDER BY id",
-                params,
-            )
-            self._sql().execute(f"DELETE FROM dead_letters WHERE {where}", params)
-        if counters.items == 0:
-            self._state.head_dirty = True
+            rows.sort()
+            new_rows: list[Row] = []
+            for _, pid, size, created, mono, boot, app, kind, body in rows:
+                new_rows.append((state.next_id, pid, 0, size, created, mono, boot, app, kind, body))
+                counters.add_sendable(pid, 1, state.next_id)
+                self.enqueued_projects.add(pid)
+                state.next_id += 1
+            self._sql().executemany(_INSERT_ROW, new_rows)
+            state.deleted.add("dead_letters")
         counters.items += count
         counters.bytes += total
         counters.dead_items -= count
@@ -451,24 +609,60 @@ class Txn:
         table = "dead_letters" if dead else "outbox"
         (count,) = self._sql().execute(f"SELECT count(*) FROM {table}").fetchone()
         self._sql().execute(f"DELETE FROM {table}")
+        self._state.deleted.add(table)
         if dead:
             counters.dead_items = counters.dead_bytes = 0
         else:
-            counters.items = counters.bytes = 0
+            counters.items = counters.bytes = counters.held = 0
+            counters.sendable = {}
             self._state.head_dirty = True
-        # Give the freed pages back to the filesystem: a purge is when an operator wants it.
-        # Python's sqlite3 steps a row-less statement once, and each step of
-        # incremental_vacuum frees one page, hence the loop (inside this transaction).
-        (free,) = self._sql().execute("PRAGMA freelist_count").fetchone()
-        for _ in range(int(free)):
-            self._sql().execute("PRAGMA incremental_vacuum")
+        # Give the freed pages back to the filesystem once committed: a purge is when an
+        # operator wants it (and what stays is small). See `Store._vacuum`.
+        self._state.vacuum_wanted = True
         return int(count)
+
+    def purge_project(self, project_token: str) -> int:
+        """Delete the queued items of every project with this token (any base URL), e.g. of a
+        project removed from the config; returns how many went. Dead letters stay."""
+        self._check()
+        return self._delete_outbox(
+            "project_id IN (SELECT id FROM projects WHERE project_token = ?)", (project_token,)
+        )[0]
+
+    def set_held(self, ids: Iterable[int], held: bool) -> int:
+        """Hold queued items back from upload, or release them; returns how many changed.
+
+        Held items stay queued (and count toward `max_bytes`); the uploader's reads skip them
+        (`Store.read_batch`). Ids already gone or already in that state are ignored.
+        """
+        self._check()
+        counters = self._state.counters
+        changed = 0
+        for chunk in _chunks(ids):
+            rows = (
+                self._sql()
+                .execute(
+                    f"UPDATE outbox SET held = ? WHERE id IN ({_marks(len(chunk))}) "
+                    "AND held != ? RETURNING id, project_id",
+                    (int(held), *chunk, int(held)),
+                )
+                .fetchall()
+            )
+            for row_id, project_id in rows:
+                if held:
+                    counters.held += 1
+                    counters.unsendable(project_id)
+                else:
+                    counters.held -= 1
+                    counters.add_sendable(project_id, 1, row_id)
+                    self.enqueued_projects.add(project_id)
+            changed += len(rows)
+        return changed
 
     # -- projects, state, meta -----------------------------------------------------------------
     def project_for(self, project: Project) -> ProjectRow:
-        """The row for (base_url, project_token), created if new; a different non-empty
-        authorization token replaces the stored one (a corrected key also delivers the
-        backlog)."""
+        """The row for (base_url, project_token), created if new. The authorization token is
+        not stored: the uploader takes credentials from the current config."""
         self._check()
         key = project_key(project)
         state = self._state
@@ -478,33 +672,21 @@ class Txn:
         if row is None:
             found = (
                 self._sql()
-                .execute(
-                    "SELECT id, authorization_token FROM projects "
-                    "WHERE base_url = ? AND project_token = ?",
-                    key,
-                )
+                .execute("SELECT id FROM projects WHERE base_url = ? AND project_token = ?", key)
                 .fetchone()
             )
             if found is None:
                 (new_id,) = (
                     self._sql()
                     .execute(
-                        "INSERT INTO projects (base_url, project_token, authorization_token) "
-                        "VALUES (?, ?, ?) RETURNING id",
-                        (*key, project.authorization_token),
+                        "INSERT INTO projects (base_url, project_token) VALUES (?, ?) RETURNING id",
+                        key,
                     )
                     .fetchone()
                 )
-                row = ProjectRow(new_id, key[0], key[1], project.authorization_token)
+                row = ProjectRow(new_id, key[0], key[1])
             else:
-                row = ProjectRow(found[0], key[0], key[1], found[1])
-            self.new_projects[key] = row
-        token = project.authorization_token
-        if token and token != row.authorization_token:
-            self._sql().execute(
-                "UPDATE projects SET authorization_token = ? WHERE id = ?", (token, row.id)
-            )
-            row = dataclasses.replace(row, authorization_token=token)
+                row = ProjectRow(found[0], key[0], key[1])
             self.new_projects[key] = row
         return row
 

@@ -15,13 +15,16 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.store import ProjectRow, Store
 from agent.sync.schedule import SEVERITY, State
 from agent.sync.transport import USER_AGENT, Deadlines, HttpTransport, Transport
 from agent.sync.worker import MAX_ACKS_IN_FLIGHT, FlushRequest, Shared, Worker
+
+if TYPE_CHECKING:  # the timekeeper imports this package's transport
+    from agent.timekeeper import Timekeeper
 
 log = logging.getLogger("engagement_agent.sync")
 
@@ -33,6 +36,8 @@ class Syncer:
     rows that appear later get one on `notify()`. All public methods are thread-safe.
     `transport` builds each worker's HTTP transport (default: `HttpTransport` with the
     configured proxy); tests pass a fake to exercise the upload pipeline without sockets.
+    `clock` holds and corrects items stamped by an unsynchronized clock (docs/tracking.md);
+    without it items go out as stored.
     """
 
     def __init__(
@@ -42,16 +47,20 @@ class Syncer:
         *,
         rng: random.Random | None = None,
         transport: Callable[[], Transport] | None = None,
+        clock: Timekeeper | None = None,
     ) -> None:
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self._deadlines = Deadlines()
-        self._shared = Shared(store, config, self._uniform, transport or self._http_transport)
+        self._shared = Shared(
+            store, config, self._uniform, transport or self._http_transport, clock
+        )
         self._store = store
         self._lock = threading.Condition()
         self._workers: dict[int, Worker] = {}
         self._unknown: set[int] = set()
         self._rescan = False
+        self._clock_rescan = False
         self._reload_rows = False
         self._started = False
         self._stopping = False
@@ -156,6 +165,18 @@ class Syncer:
         for worker in workers:
             worker.network_hint()
 
+    def clock_changed(self) -> None:
+        """Held items may have become sendable (the true time is known, or `clock.max_hold`
+        passed): every project looks again, and rows with such items get a worker."""
+        with self._lock:
+            if self._stopping or not self._started:
+                return
+            self._clock_rescan = True
+            workers = list(self._workers.values())
+            self._lock.notify_all()
+        for worker in workers:
+            worker.notify()
+
     def flush(self, wait: bool) -> dict[str, int]:
         """One attempt per project to send what is queued now (docs/protocol.md). With
         `wait`, blocks until every project emptied its share or hit an error; `flushed`
@@ -213,12 +234,20 @@ class Syncer:
     # -- internals -------------------------------------------------------------------------
 
     def _rows_with_items(self) -> list[ProjectRow]:
+        """Rows without a worker that have items to send, or held items whose project must
+        ask the API's clock first."""
         with self._lock:
             known = set(self._workers)
+        clock = self._shared.clock
+        release = clock.releasable() if clock is not None else None
         return [
             row
             for row in self._store.projects()
-            if row.id not in known and self._store.read_batch(row.id, 1)
+            if row.id not in known
+            and (
+                self._store.read_batch(row.id, 1, release=release)
+                or (clock is not None and clock.needs_probe(row.id))
+            )
         ]
 
     def _spawn_for(self, rows: list[ProjectRow], *, wake: bool) -> list[Worker]:
@@ -239,12 +268,19 @@ class Syncer:
         Sleeps until there is such work: an idle agent does not wake it."""
         while True:
             with self._lock:
-                while not (self._stopping or self._unknown or self._rescan or self._reload_rows):
+                while not (
+                    self._stopping
+                    or self._unknown
+                    or self._rescan
+                    or self._reload_rows
+                    or self._clock_rescan
+                ):
                     self._lock.wait()
                 if self._stopping:
                     return
                 unknown, self._unknown = self._unknown, set()
                 rescan, self._rescan = self._rescan, False
+                clock_rescan, self._clock_rescan = self._clock_rescan, False
                 reload_rows, self._reload_rows = self._reload_rows, False
             try:
                 rows = {row.id: row for row in self._store.projects()}
@@ -256,6 +292,8 @@ class Syncer:
                             worker.on_reload(rows[row_id])
                 new = [rows[i] for i in sorted(unknown) if i in rows]
                 self._spawn_for(new, wake=True)
+                if clock_rescan:
+                    self._spawn_for(self._rows_with_items(), wake=True)
                 if rescan:  # a flush(wait=False) found rows without a worker: flush them too
                     budget = self._store.stats().items
                     for worker in self._spawn_for(self._rows_with_items(), wake=False):
@@ -264,6 +302,7 @@ class Syncer:
                 log.exception("sync: cannot look up project rows; will retry on next notify")
                 with self._lock:
                     self._unknown |= unknown
+                    self._clock_rescan = self._clock_rescan or clock_rescan
 
 
 __all__ = ["MAX_ACKS_IN_FLIGHT", "SEVERITY", "USER_AGENT", "State", "Syncer"]

@@ -506,14 +506,22 @@ class BadAnswer(TransportError):
         self.status = status
 
 
-def fetch_time(transport: Transport, project: Project, timeout: float) -> TimeSample:
+def fetch_time(
+    transport: Transport,
+    project: Project,
+    timeout: float,
+    observe: Callable[[Response], None] | None = None,
+) -> TimeSample:
     """`GET .../system/time` for `project` (authorized like tracking; docs/tracking.md).
 
+    `observe` sees the response whatever its status: even a refusal carries the API's `Date`.
     Raises `TransportError` (a `BadAnswer` when the API answered without a time).
     """
     url = project.base_url.rstrip("/") + wire.time_path(project.project_token)
     headers = wire.request_headers(project.authorization_token, USER_AGENT, body=False)
     response = transport.send(Request("GET", url, headers, timeout=timeout))
+    if observe is not None:
+        observe(response)
     value = wire.parse_time(response.body) if response.status == 200 else None
     if value is None:
         raise BadAnswer(

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from urllib3.util import parse_url
 
@@ -40,12 +40,18 @@ from agent.sync.schedule import Kind, Outcome, Schedule, Settings, State
 from agent.sync.transport import (
     USER_AGENT,
     Aborted,
+    BadAnswer,
     Request,
     Transport,
     TransportError,
     Unreachable,
+    fetch_time,
 )
 from agent.tracker.model import Project
+
+if TYPE_CHECKING:  # the timekeeper imports this package's transport
+    from agent.clock import Decision
+    from agent.timekeeper import Timekeeper
 
 log = logging.getLogger("engagement_agent.sync")
 
@@ -73,12 +79,14 @@ def settings_of(config: AgentConfig) -> Settings:
 @dataclass
 class Shared:
     """What every worker reads from the `Syncer`: the store, the current config (replaced on
-    reload), the random source for jitter and the transport factory (the test seam)."""
+    reload), the random source for jitter, the transport factory (the test seam) and the
+    clock (None: items go out as stored, nothing is held)."""
 
     store: Store
     config: AgentConfig
     uniform: Callable[[], float]
     new_transport: Callable[[], Transport]
+    clock: Timekeeper | None = None
 
 
 @dataclass
@@ -378,6 +386,12 @@ class Worker:
             self._record(Outcome(Kind.UNCONFIGURED, reason))
             return
         sync = config.sync
+        clock = self.shared.clock
+        if clock is not None and clock.needs_probe(self.row.id):
+            failure = self._probe(target)
+            if failure is not None:
+                self._record(failure)
+                return
         url = target.base_url + wire.batch_path(target.project_token)
         headers = wire.request_headers(target.authorization_token, USER_AGENT, body=True)
         linger = sync.linger if job.fresh and sync.flush_mode == "immediate" else 0.0
@@ -401,9 +415,19 @@ class Worker:
                         self.flushes = []
                 if not automatic and not active:
                     break
-                items = store.read_batch(self.row.id, sync.batch_size, after_id)
+                items = self._read(sync.batch_size, after_id)
                 if items and len(items) < sync.batch_size and linger > 0 and not active:
                     items = self._linger(items, sync.batch_size, after_id, linger)
+                decisions: list[Decision] = []
+                read_up_to = items[-1].id if items else after_id
+                if items and clock is not None:
+                    items, decisions = clock.prepare(items)
+                    if not items:  # all must still wait: nothing more to send in this cycle
+                        with self.cond:
+                            self.schedule.record(
+                                Outcome(Kind.DRAINED), time.monotonic(), self._settings(), 0.0
+                            )
+                        break
                 if not items:
                     if after_id == 0:
                         with self.cond:
@@ -419,6 +443,9 @@ class Worker:
                     after_id = 0
                     continue
                 exchange = self._exchange(url, headers, items, active)
+                if clock is not None and exchange.acks:
+                    acked = set(exchange.acks)
+                    clock.count(d for i, d in zip(items, decisions, strict=True) if i.id in acked)
                 if exchange.acks or exchange.dead:
                     future = store.submit(_commit_op(exchange.acks, exchange.dead, time.time()))
                     processed = len(exchange.acks) + len(exchange.dead)
@@ -433,7 +460,7 @@ class Worker:
                     break
                 if store_error is not None:
                     break
-                after_id = items[-1].id
+                after_id = read_up_to
             # Commits still pending may fail too; their items must not count as sent.
             store_error = _first(store_error, self._settle(in_flight, 0))
             if store_error is not None:
@@ -461,10 +488,53 @@ class Worker:
                 )
                 if not woken or self.stopping or self.flushes:
                     break
-            items = self.shared.store.read_batch(self.row.id, limit, after_id)
+            items = self._read(limit, after_id)
             if len(items) >= limit:
                 return items
-        return self.shared.store.read_batch(self.row.id, limit, after_id)
+        return self._read(limit, after_id)
+
+    def _read(self, limit: int, after_id: int) -> list[QueuedItem]:
+        """The next items to send: not held, or released by the clock (docs/tracking.md)."""
+        clock = self.shared.clock
+        release = clock.releasable() if clock is not None else None
+        return self.shared.store.read_batch(self.row.id, limit, after_id, release)
+
+    def _probe(self, target: Project) -> Outcome | None:
+        """Ask the API's clock before sending held items (docs/sync.md, "The time probe").
+        The project's own `system/time` first; if its credentials are refused, another
+        configured project's; any answer's `Date` header settles it too. None once the true
+        time is known; else the outcome to retry by (the network probe schedule when the API
+        cannot be reached)."""
+        clock = self.shared.clock
+        assert clock is not None
+        config = self.shared.config
+        others = [p for p in config.known_projects() if p.key != target.key]
+        failure: Outcome | None = None
+        for project in [target, *others]:
+            self._pace(None)
+            try:
+                sample = fetch_time(
+                    self.transport, project, config.sync.timeout, clock.observe_response
+                )
+            except Aborted:
+                raise Stopped from None
+            except Unreachable as exc:
+                return Outcome(Kind.UNREACHABLE, exc.reason)
+            except BadAnswer as exc:
+                if failure is None:
+                    kind = Kind.REFUSED if exc.status in (401, 403) else Kind.API_TROUBLE
+                    failure = Outcome(kind, exc.reason)
+                if clock.truth_known:  # the refusal's Date header settled it
+                    return None
+                continue
+            except TransportError as exc:
+                with self.cond:
+                    if self.aborted:
+                        raise Stopped from None
+                return Outcome(Kind.API_TROUBLE, exc.reason)
+            clock.observe_probe(sample)
+            return None
+        return failure
 
     def _settle(
         self,
@@ -629,6 +699,8 @@ class Worker:
         body = wire.batch_body([item.payload for item in items])
         try:
             response = self.transport.send(Request("POST", url, headers, body, timeout))
+            if self.shared.clock is not None:
+                self.shared.clock.observe_response(response)
         except Aborted:
             raise Stopped from None
         except Unreachable as exc:

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from agent.clock import read_kernel_clock
 from agent_devtools.apistub import ApiStub
+from tests.fixtures.api import API_PROJECTS
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.reliability.harness import EVENT, agent_config, delivered_order, wait_drained
 
@@ -68,9 +70,19 @@ def clock(tmp_path: Path) -> FakeClock:
     return FakeClock(tmp_path / "faketime.rc")
 
 
-def start(make_agent: Any, api: ApiStub, clock: FakeClock, **config: Any) -> AgentProcess:
+def start(
+    make_agent: Any, api: ApiStub, clock: FakeClock, *, hold: bool = False, **config: Any
+) -> AgentProcess:
+    """An agent on the fake clock. Without `hold`, items go out with the device's time
+    (`clock.hold_unsynced = false`): the tests of timers and order want to see the jumped
+    stamps themselves; the correction has its own test below."""
     agent: AgentProcess = make_agent(
-        agent_config(api, apps={"defaults": {"session_timeout": SESSION_TIMEOUT}}, **config)
+        agent_config(
+            api,
+            apps={"defaults": {"session_timeout": SESSION_TIMEOUT}},
+            clock={"hold_unsynced": hold},
+            **config,
+        )
     )
     agent.start(env=clock.env())
     return agent
@@ -163,3 +175,44 @@ def test_backoff_keeps_retrying_across_jumps(
     api_stub.reset()
     wait_drained(agent)
     assert delivered_order(api_stub) == sent
+
+
+def test_jumps_while_items_are_held_are_corrected_to_the_true_time(
+    make_agent: Any, api_stub: ApiStub, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The clock is not synchronized (this machine's kernel says so): items wait for the
+    API's time, and each is shifted by the error its own accept moment had, whatever jumps
+    the wall clock made in between (docs/tracking.md)."""
+    if (kernel := read_kernel_clock()) is not None and kernel.synchronized:
+        pytest.skip("this machine's clock is synchronized; holding needs an unsynchronized one")
+    api_stub.stop()  # no true time yet: the items are held
+    agent = start(make_agent, api_stub, clock, hold=True, sync={"probe_interval": 0.3})
+    true_times: dict[str, tuple[float, float]] = {}
+    for rid, offset in (("a", 0), ("b", DAY), ("c", to_1970()), ("d", -DAY)):
+        clock.set(offset)
+        low = time.time()
+        ok(agent, {"command": "track_event", "name": EVENT, "properties": {"rid": rid}})
+        true_times[rid] = (low, time.time())
+    status = agent.status()
+    assert status["clock"]["held"] == status["queue"]["items"] >= 4, status["clock"]
+    # The API comes back on the same address with the true time.
+    api = ApiStub("127.0.0.1", api_stub.port, API_PROJECTS)
+    api.start()
+    try:
+        stamps = wait_for(
+            lambda: (
+                (s := {e["properties"]["rid"]: e["timestamp"] for e in events(api, EVENT)})
+                and len(s) >= 4
+                and s
+            ),
+            30,
+            f"the held events\n{agent.log()[-3000:]}",
+        )
+        for rid, (low, high) in true_times.items():
+            assert low - 2 <= stamps[rid] <= high + 2, (rid, stamps[rid], low, high)
+        clock_status = wait_for(
+            lambda: (c := agent.status()["clock"])["corrected"] >= 3 and c, 30, "counted"
+        )
+        assert clock_status["source"] == "api" and clock_status["held"] == 0
+    finally:
+        api.stop()

@@ -215,7 +215,7 @@ def test_offline_list_and_json(cli: Run, offline: tuple[Path, Store]) -> None:
     code, out, _ = cli("queue", "list", "--json", "--config", str(config), socket=False)
     result = json.loads(out)
     assert [item["id"] for item in result["items"]] == [2, 3]
-    assert set(result["items"][0]) >= {"id", "project_id", "created_at", "bytes"}
+    assert set(result["items"][0]) >= {"id", "project_token", "app", "kind", "size"}
 
 
 def test_offline_show(cli: Run, offline: tuple[Path, Store]) -> None:

@@ -407,6 +407,28 @@ def test_known_projects(tmp_path: Path) -> None:
     assert {p.project_token for p in config.known_projects()} == {"a", "b", "c"}
 
 
+def test_clock_section_defaults_and_limits(tmp_path: Path) -> None:
+    clock = load_config(None, BASE_ENV).clock
+    assert (clock.hold_unsynced, clock.max_hold, clock.min_correction, clock.max_skew) == (
+        True,
+        21600.0,
+        5.0,
+        120.0,
+    )
+    found = problems(
+        tmp_path,
+        """
+        [clock]
+        hold_unsynced = "maybe"
+        max_hold = -1
+        min_correction = 0
+        """,
+    )
+    assert set(found) == {"clock.hold_unsynced", "clock.max_hold", "clock.min_correction"}
+    env = {**BASE_ENV, "ENGAGEMENT_AGENT_CLOCK__HOLD_UNSYNCED": "false"}
+    assert not load_config(None, env).clock.hold_unsynced
+
+
 NAMED = """
 [project]
 project_token = "main"

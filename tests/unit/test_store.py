@@ -19,6 +19,7 @@ from tests.unit.test_store_helpers import (
     P1,
     P2,
     assert_counters_match_file,
+    assert_no_secrets,
     config,
     enqueue,
     file_totals,
@@ -90,28 +91,26 @@ def test_ids_are_never_reused_after_draining(store: Store) -> None:
     assert store.list_items()[0].id > last + 1
 
 
-def test_project_rows(store: Store) -> None:
+def test_project_rows_hold_no_credentials(store: Store) -> None:
     row = store.project_for(P1)
-    assert (row.base_url, row.project_token, row.authorization_token) == (
-        "https://api.example.com",
-        "token-one",
-        "auth-one",
-    )
+    assert (row.base_url, row.project_token) == ("https://api.example.com", "token-one")
     slash = Project("token-one", "", "https://api.example.com/")
-    assert store.project_for(slash) == row  # same key; an empty token changes nothing
-    changed = store.project_for(Project("token-one", "new-auth", "https://api.example.com"))
-    assert changed.id == row.id and changed.authorization_token == "new-auth"
-    assert store.projects() == [changed]
+    assert store.project_for(slash) == row  # same key
+    other_key = store.project_for(Project("token-one", "new-auth", "https://api.example.com"))
+    assert other_key == row  # a different authorization token is the same project
+    assert store.projects() == [row]
     # Called from inside an op it joins that op's transaction.
     inside = store.submit(lambda t: store.project_for(P2)).result()
     assert inside in store.projects()
+    secrets = [P1.authorization_token.encode(), P2.authorization_token.encode(), b"new-auth"]
+    store.close()
+    assert_no_secrets(Path(store.config.path).parent, secrets)
 
 
-def test_project_token_change_rolled_back_with_its_op(store: Store) -> None:
+def test_new_project_rolled_back_with_its_op(store: Store) -> None:
     row = store.project_for(P1)
 
     def op(txn: Txn) -> None:
-        txn.project_for(Project("token-one", "other", "https://api.example.com"))
         txn.project_for(Project("brand-new", "a", "https://api.example.com"))
         raise InvalidState("no")
 

@@ -343,7 +343,9 @@ def test_file_size_stays_bounded_under_churn(tmp_path: Path) -> None:
         s.close()
     # Freed pages are reused: after the first round the file does not grow.
     assert max(sizes) <= sizes[0] * 1.05, sizes
-    assert sizes[0] < 2 * cap
+    # 1 KiB pages hold one 500-byte item each: the price of small WAL frames
+    # (docs/architecture.md, "Storage writes").
+    assert sizes[0] < 2.5 * cap
 
 
 def test_purge_gives_space_back(tmp_path: Path) -> None:

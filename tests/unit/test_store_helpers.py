@@ -53,6 +53,16 @@ def file_totals(path: Path | str) -> tuple[int, int, int, int]:
         conn.close()
 
 
+def assert_no_secrets(directory: Path, secrets: list[bytes]) -> None:
+    """No file in `directory` (database, WAL, shared memory, anything) holds a secret."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    assert files, f"nothing to scan in {directory}"
+    for path in files:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret not in data, f"{secret!r} found in {path}"
+
+
 def assert_counters_match_file(store: Store) -> None:
     stats = store.stats()
     assert file_totals(store.config.path) == (

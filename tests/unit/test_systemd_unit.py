@@ -71,7 +71,7 @@ def test_required_settings() -> None:
         "RestartPreventExitStatus": "78",
         "StateDirectory": "engagement-agent",
         "RuntimeDirectory": "engagement-agent",
-        "RuntimeDirectoryMode": "0750",
+        "RuntimeDirectoryMode": "2750",
         "ConfigurationDirectory": "engagement-agent",
         "ProtectSystem": "strict",
         "NoNewPrivileges": "yes",
@@ -83,6 +83,11 @@ def test_required_settings() -> None:
     assert unit["ExecStart"] == [f"{BINARY} run --config /etc/engagement-agent/agent.toml"]
     assert unit["ExecReload"][0].startswith(f"{BINARY} reload ")
     assert "$MAINPID" in unit["ExecReload"][0]
+    # The socket's group: the clients group, not the one that reads the config.
+    assert unit["ExecStartPre"] == [
+        "+/bin/chgrp engagement-agent-clients %t/engagement-agent",
+        "+/bin/chmod 2750 %t/engagement-agent",
+    ]
     assert "@system-service" in unit["SystemCallFilter"]
     # SO_PEERCRED must report real uids for allowed_uids; DynamicUser would defeat sysusers.
     assert "PrivateUsers" not in unit
@@ -110,6 +115,8 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert "engagement-agent:x:" in (tmp_path / "etc/passwd").read_text()
+    groups = (tmp_path / "etc/group").read_text()
+    assert "\nengagement-agent-clients:x:" in "\n" + groups
     subprocess.run(
         ["systemd-tmpfiles", f"--root={tmp_path}", "--create", "engagement-agent.conf"],
         check=True,
