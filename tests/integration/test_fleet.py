@@ -175,6 +175,7 @@ def test_a_real_agent_shows_online_then_offline_after_kill(
     online = wait_for(lambda: (r := row()) and r["online"] and r, 30, "the agent's status")
     assert online["version"] == agent.status()["version"]
     assert online["queue_items"] == 0 and online["sync_state"] == "idle"
+    assert online["clock_synchronized"] is agent.status()["clock"]["synchronized"]
     agent.kill()
     wait_for(lambda: (r := row()) and r["online"] is False, 30, "the agent's last will")
 

@@ -45,6 +45,7 @@ def test_the_agent_writes_the_textfile_and_keeps_it_current(
     assert metrics["engagement_agent_dead_letters"] == 0
     assert metrics["engagement_agent_dropped_total"] == 0
     assert "engagement_agent_mqtt_connected" not in metrics  # MQTT is off in this config
+    assert metrics["engagement_agent_clock_synchronized"] in (0, 1)
     assert sorted(os.listdir(textfile.parent)) == ["engagement_agent.prom"]
     assert (textfile.stat().st_mode & 0o777) == 0o644
 
