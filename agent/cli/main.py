@@ -53,7 +53,7 @@ exit codes: 0 ok, 1 command rejected, 64 usage, 69 agent not reachable, 78 bad c
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors exit 64 (EX_USAGE, as the SPEC says) in one line, not 2 with a usage dump."""
+    """Usage errors exit 64 (EX_USAGE, docs/cli.md) in one line, not 2 with a usage dump."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EX_USAGE, f"{self.prog}: {message} (see: {self.prog} --help)\n")

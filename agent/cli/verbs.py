@@ -39,7 +39,7 @@ def _strict_json(text: str) -> Any:
 
 
 def property_pair(text: str) -> tuple[str, Any]:
-    """`key=value`; the value is JSON when it parses as JSON, else the literal string (SPEC §11).
+    """`key=value`; the value is JSON when it parses as JSON, else the literal string (docs/cli.md).
 
     So `-p n=5` is a number, `-p ok=true` a bool, `-p code=007` the string "007" (not JSON),
     and `-p 'n="5"'` the string "5".
