@@ -280,9 +280,16 @@ COMMAND_NAMES = tuple(sorted(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMM
 _command_adapter: TypeAdapter[Any] = TypeAdapter(cast(Any, Command))
 
 
+# Exact types, not isinstance: pydantic's model metaclass is an ABCMeta, whose isinstance is
+# slow enough to show in the per-command profile; commands are never subclassed.
+_TRACKING_TYPES = frozenset(TRACKING_COMMANDS)
+_APP_SCOPED_TYPES = frozenset((*TRACKING_COMMANDS, GetCustomer))
+_ADMIN_TYPES = frozenset(ADMIN_COMMANDS)
+
+
 def is_tracking(command: object) -> bool:
-    """Tracking commands change state and queue items; query commands never do (SPEC §11)."""
-    return isinstance(command, TRACKING_COMMANDS)
+    """Tracking commands change state and queue items; queries never do (docs/protocol.md)."""
+    return type(command) in _TRACKING_TYPES
 
 
 _ALL_TAGS = frozenset(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMMANDS + ADMIN_COMMANDS)
@@ -290,11 +297,11 @@ _ALL_TAGS = frozenset(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMMANDS + 
 
 def is_app_scoped(command: object) -> bool:
     """Commands that act for one app, so its permissions apply (`status`/`flush` do not)."""
-    return isinstance(command, (*TRACKING_COMMANDS, GetCustomer))
+    return type(command) in _APP_SCOPED_TYPES
 
 
 def is_admin(command: object) -> bool:
-    return isinstance(command, ADMIN_COMMANDS)
+    return type(command) in _ADMIN_TYPES
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

@@ -166,6 +166,13 @@ class AppConfig(_Section):
     #: Names of the projects this app may choose with anonymize (default: every configured).
     projects: list[Annotated[str, Field(min_length=1)]] | None = None
     allowed_uids: list[Annotated[int, Field(ge=0, le=2**32 - 2)]] | None = None
+    #: Whether MQTT commands are accepted for the app; unset means "only if it has no
+    #: `allowed_uids`", so the socket's uid check cannot be walked around over MQTT.
+    mqtt: bool | None = None
+
+    @property
+    def mqtt_allowed(self) -> bool:
+        return self.allowed_uids is None if self.mqtt is None else self.mqtt
 
     @model_validator(mode="before")
     @classmethod
@@ -255,7 +262,8 @@ class MqttConfig(_Section):
     enabled: bool = True
     host: Annotated[str, Field(min_length=1)] = "localhost"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    protocol: Literal[3, 5] = 5
+    #: "auto": MQTT 5 first, 3.1.1 when the broker refuses 5 (docs/mqtt.md); 5 or 3 force one.
+    protocol: Literal["auto", 3, 5] = "auto"
     username: str = ""
     password: str = ""
     tls: bool = False

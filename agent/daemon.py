@@ -16,37 +16,31 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from agent import __version__
-from agent.commands import Flush, GetCustomer, Status
 from agent.config import EX_CONFIG, AgentConfig, ConfigError, default_config_path, load_config
 from agent.device import read_device_info
-from agent.engine import Engine
-from agent.errors import Unavailable
-from agent.intake import Accepted, Intake, Origin, Reply
+from agent.dispatch import Dispatcher
+from agent.engine import Engine, Runner
 from agent.ipc import SocketServer
 from agent.logs import set_level, setup_logging
 from agent.metrics import TextfileWriter
 from agent.notify import Notifier
-from agent.queue_admin import run_admin
+from agent.queries import QueryRunner
+from agent.status import ConfigState, build_status, status_line
 from agent.store import Store, StoreError
 from agent.sync import Syncer
 from agent.timekeeper import Timekeeper, settings_of
-from agent.tracker.model import Outcome
 
 log = logging.getLogger("engagement_agent.daemon")
 
 #: How long SIGTERM waits for in-flight commands, and for the last flush.
 SHUTDOWN_COMMAND_GRACE = 3.0
 SHUTDOWN_FLUSH_SECONDS = 3.0
-#: `flush --wait` and queue maintenance requests allowed to wait for a worker at once.
-MAX_WAITING_QUERIES = 8
 #: Without a systemd watchdog: how long work may wait on the writer before we call it stuck.
 WRITER_STALL_SECONDS = 20.0
 DEVICE_UUID_META = "device_uuid"
@@ -77,17 +71,9 @@ class Daemon:
         self.store = Store(config.queue)
         self.started_monotonic = time.monotonic()
         self._stop = asyncio.Event()
-        # app -> (token, handle): the token tells a fired timer whether it is still current.
-        self._timers: dict[str, tuple[object, asyncio.TimerHandle]] = {}
-        # Blocking work off the event loop, in pools that cannot starve each other: flush
-        # --wait may take minutes and must never delay a reload or the shutdown.
-        self._queries = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="query")
-        self._queries_waiting = 0
+        # Reloads and the last flush run here, never in the query pool: a `flush --wait` that
+        # takes minutes must never delay a reload or the shutdown.
         self._control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="control")
-        self._in_flight = 0
-        # Callbacks from the writer thread waiting for the loop: one wake-up carries them all.
-        self._handoff: list[Callable[[], None]] = []
-        self._handoff_lock = threading.Lock()
         # `engagement-agent reload` (ExecReload=) waits for `generation` to move on.
         self.config_generation = 1
         self.config_loaded_at = time.time()
@@ -96,9 +82,11 @@ class Daemon:
         self._reload_again = False
         # Assigned in run(), once the parts they need exist.
         self.engine: Engine
+        self.runner: Runner
         self.clock: Timekeeper
         self.syncer: Syncer
-        self.intake: Intake
+        self.queries: QueryRunner
+        self.dispatcher: Dispatcher
         self.server: SocketServer
         self.mqtt: Any = None
         self._mqtt_up = False  # as last seen: a change to up is a network hint for sync
@@ -127,11 +115,13 @@ class Daemon:
         self.syncer = Syncer(self.store, self.config, clock=self.clock)
         self.store.on_enqueued = self.syncer.notify
         self.clock.on_settled(self.syncer.clock_changed)
-        self.intake = Intake(self.config, self)
+        self.runner = Runner(self.engine, self._loop, self._publish_status)
+        self.queries = QueryRunner(self.status, self.syncer, self.store)
+        self.dispatcher = Dispatcher(self.config, self.runner, self.queries)
         self.server = SocketServer(
             self.config.socket.path,
             self.config.socket.mode,
-            self,
+            self.dispatcher,
             lambda: self.config.limits.max_command_bytes,
             self.config.socket.max_connections,
             max_connections_per_uid=self.config.socket.max_connections_per_uid,
@@ -145,8 +135,7 @@ class Daemon:
             return 1
         self.syncer.start()
         self.clock.start()
-        for app, delay, background_at in self.engine.pending_timers(time.time()):
-            self._arm_timer(app, delay, background_at)
+        self.runner.arm_pending_timers()
         self._start_mqtt()
         metrics = TextfileWriter(self._loop, lambda: self.config.metrics, self.status)
         metrics.start()
@@ -180,9 +169,9 @@ class Daemon:
     def _start_mqtt(self) -> None:
         if not self.config.mqtt.enabled:
             return
-        from agent.mqtt import MqttAdapter
+        from agent.mqtt.adapter import MqttAdapter
 
-        self.mqtt = MqttAdapter(self.config, self.intake, self._loop, self._mqtt_status)
+        self.mqtt = MqttAdapter(self.config, self.dispatcher, self._loop, self._mqtt_status)
         self.mqtt.start()
 
     def _mqtt_status(self) -> dict[str, Any]:
@@ -215,17 +204,19 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.notifier.stopping()
-        log.info("stopping: no new commands; finishing %d in flight", self._in_flight)
+        dispatcher = self.dispatcher
+        log.info("stopping: no new commands; finishing %d in flight", dispatcher.in_flight)
+        dispatcher.stop_accepting()
         self.server.stop_accepting()
         deadline = time.monotonic() + SHUTDOWN_COMMAND_GRACE
-        while self._in_flight and time.monotonic() < deadline:
+        while dispatcher.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        self._cancel_timers()
+        self.runner.cancel_timers()
         if self.mqtt is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.mqtt.stop(), 3.0)
         await self.server.close()
-        self._queries.shutdown(wait=False, cancel_futures=True)
+        self.queries.close()
         await self._loop.run_in_executor(self._control, self.syncer.stop, SHUTDOWN_FLUSH_SECONDS)
         await self._loop.run_in_executor(self._control, self.clock.stop)
         self._control.shutdown(wait=False)
@@ -256,17 +247,14 @@ class Daemon:
         set_level(config.log_level)
         self.config = config
         self.engine.reload(config)
-        self.intake.reload(config)
+        self.dispatcher.reload(config)
         self.syncer.reload(config)
         self.clock.reload(settings_of(config.clock))
         if self.mqtt is not None:
             self.mqtt.reload(config)
         elif config.mqtt.enabled:
             self._start_mqtt()
-        # Session timeouts may have changed: re-arm every pending timer with the new settings.
-        self._cancel_timers()
-        for app, delay, background_at in self.engine.pending_timers(time.time()):
-            self._arm_timer(app, delay, background_at)
+        self.runner.arm_pending_timers()  # session timeouts may have changed
         log.info("configuration reloaded from %s", self.config_path or "built-in defaults")
         self.reload_error = None
         self.config_loaded_at = time.time()
@@ -281,220 +269,43 @@ class Daemon:
         # A writer stuck for half of WatchdogSec (a hung fsync, a frozen disk) stops the pings,
         # so systemd restarts us before the other half is over.
         stall = interval if interval else WRITER_STALL_SECONDS
-        status_line = ""
+        shown = ""
         while True:
             if self.store.writer_healthy(stall):
                 self.notifier.watchdog()
             else:
                 log.error("the database writer makes no progress; not petting the watchdog")
             self._mqtt_up = self._mqtt_up and self.mqtt is not None and self.mqtt.connected
-            line = self._status_line()
-            if line != status_line:
+            line = status_line(self.status())
+            if line != shown:
                 self.notifier.status(line)
-                status_line = line
+                shown = line
             self._publish_status()
             await asyncio.sleep(period)
 
-    # -- commands ------------------------------------------------------------------------------
-    # The socket's Dispatcher: a chunk of pipelined commands is one group on the writer.
-    def prepare(self, line: bytes, origin: Origin) -> Reply | Accepted:
-        return self.intake.prepare(line, origin)
-
-    def batchable(self, command: Accepted) -> bool:
-        # get_customer reads the app's state on the writer too: batched, it keeps its order.
-        return command.tracking or isinstance(command.command, GetCustomer)
-
-    def run_batch(self, commands: list[Accepted], done: Callable[[list[Reply]], None]) -> None:
-        replies: list[Reply | None] = [None] * len(commands)
-        stopping = self._stop.is_set()
-        items: list[tuple[str, Any, float]] = []
-        index: list[int] = []
-        for i, accepted in enumerate(commands):
-            if stopping and accepted.tracking:
-                replies[i] = self.intake.finish(accepted, Unavailable("the agent is shutting down"))
-            else:
-                items.append((accepted.app, accepted.command, accepted.now))
-                index.append(i)
-        if not items:
-            done(cast(list[Reply], replies))
-            return
-        self._in_flight += len(items)
-
-        def committed(results: list[Outcome | BaseException]) -> None:  # on the loop
-            self._in_flight -= len(results)
-            tracked = False
-            for i, result in zip(index, results, strict=True):
-                accepted = commands[i]
-                replies[i] = self._reply(accepted, result)
-                tracked = tracked or accepted.tracking
-            if tracked and self.mqtt is not None:
-                self.mqtt.status_changed()
-            done(cast(list[Reply], replies))
-
-        self.engine.track_many(
-            items, lambda results: self._call_from_writer(lambda: committed(results))
-        )
-
-    def _reply(self, accepted: Accepted, result: Outcome | BaseException) -> Reply:
-        if isinstance(result, BaseException):
-            return self.intake.finish(accepted, result)
-        try:
-            if not accepted.tracking:  # get_customer
-                return self.intake.finish(accepted, {"app": accepted.app, **(result.result or {})})
-            self._after_outcome(accepted.app, result, status_hint=False)
-        except Exception as exc:
-            return self.intake.finish(accepted, exc)
-        return self.intake.finish(accepted, result.result)
-
-    async def run_one(self, command: Accepted, turn: asyncio.Future[None]) -> Reply:
-        self._in_flight += 1
-        try:
-            await turn
-            return await self.intake.execute(command)
-        finally:
-            self._in_flight -= 1
-
-    def _call_from_writer(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the loop. Called on the writer thread after each commit; callbacks that
-        pile up while the loop is busy share one wake-up (one self-pipe write)."""
-        with self._handoff_lock:
-            self._handoff.append(fn)
-            if len(self._handoff) > 1:
-                return
-        # A closed loop means the daemon is gone and nobody waits for the replies.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._run_handoff)
-
-    def _run_handoff(self) -> None:
-        with self._handoff_lock:
-            callbacks, self._handoff = self._handoff, []
-        for fn in callbacks:
-            try:
-                fn()
-            except Exception:
-                log.exception("a commit callback failed")
-
-    async def track(self, app: str, command: Any, now: float) -> Mapping[str, Any] | None:
-        if self._stop.is_set():
-            raise Unavailable("the agent is shutting down")
-        outcome = await asyncio.wrap_future(self.engine.track(app, command, now))
-        self._after_outcome(app, outcome)
-        return outcome.result
-
-    async def query(self, app: str, command: Any) -> Mapping[str, Any]:
-        if isinstance(command, Status):
-            return self.status()
-        if isinstance(command, GetCustomer):
-            outcome = await asyncio.wrap_future(self.engine.track(app, command, time.time()))
-            return {"app": app, **(outcome.result or {})}
-        if isinstance(command, Flush):
-            return await self._run_query(self.syncer.flush, command.wait)
-        return await self._run_query(run_admin, self.store, command)
-
-    async def _run_query(
-        self, fn: Callable[..., Mapping[str, Any]], *args: Any
-    ) -> Mapping[str, Any]:
-        """Blocking queries run in a small pool; past a few waiting, callers are told to retry
-        rather than pile up threads (a flood of `flush --wait` would otherwise do that)."""
-        if self._queries_waiting >= MAX_WAITING_QUERIES:
-            raise Unavailable("too many flush/queue requests in progress; try again shortly")
-        self._queries_waiting += 1
-        try:
-            return await self._loop.run_in_executor(self._queries, fn, *args)
-        finally:
-            self._queries_waiting -= 1
-
-    def _after_outcome(self, app: str, outcome: Outcome, *, status_hint: bool = True) -> None:
-        state = outcome.state
-        if state.session != "background":
-            entry = self._timers.pop(app, None)
-            if entry is not None:
-                entry[1].cancel()
-        if outcome.timer is not None and state.background_at is not None:
-            self._arm_timer(app, outcome.timer, state.background_at)
-        if status_hint and self.mqtt is not None:
-            self.mqtt.status_changed()
-
-    def _arm_timer(self, app: str, delay: float, background_at: float) -> None:
-        entry = self._timers.pop(app, None)
-        if entry is not None:
-            entry[1].cancel()
-        token = object()
-        handle = self._loop.call_later(
-            max(0.0, delay),
-            lambda: asyncio.ensure_future(self._expire(app, background_at, token)),
-        )
-        self._timers[app] = (token, handle)
-
-    def _cancel_timers(self) -> None:
-        for _token, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-
-    async def _expire(self, app: str, background_at: float, token: object) -> None:
-        entry = self._timers.get(app)
-        if entry is not None and entry[0] is token:
-            del self._timers[app]
-        try:
-            outcome = await asyncio.wrap_future(
-                self.engine.expire_session(app, background_at, time.time())
-            )
-        except Unavailable as exc:  # disk full: try again shortly rather than lose the end
-            log.warning("could not record the session end for app %s: %s; retrying", app, exc)
-            self._arm_timer(app, 5.0, background_at)
-            return
-        except Exception as exc:  # e.g. the app was removed from the config meanwhile
-            log.error("gave up recording the session end for app %s: %s", app, exc)
-            return
-        self._after_outcome(app, outcome)
-
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        stats = self.store.stats()
-        return {
-            "online": True,
-            "version": __version__,
-            "device_id": self.config.device_id,
-            "uptime": round(time.monotonic() - self.started_monotonic, 3),
-            "queue": {
-                "items": stats.items,
-                "bytes": stats.bytes,
-                "max_bytes": stats.max_bytes,
-                "dropped": stats.dropped,
-                "rejected": stats.rejected,
-                "dead_letters": stats.dead_letters,
-                "oldest_age": stats.oldest_age,
-                "recovered": list(self.store.recovered),
-            },
-            "sync": self.syncer.status(),
-            "clock": self.clock.status(),
-            "mqtt": {
-                "enabled": self.config.mqtt.enabled,
-                "connected": bool(self.mqtt is not None and self.mqtt.connected),
-            },
-            "config": {
-                "path": str(self.config_path) if self.config_path else None,
-                "generation": self.config_generation,
-                "loaded_at": self.config_loaded_at,
-                "reload_error": self.reload_error,
-            },
-            "apps": {
-                app: {
-                    # No customer ids: the status is retained on the broker for anyone who
-                    # may subscribe; `get_customer` is each app's way to read its own.
-                    "session": state.session,
-                    "push_token_tracked_at": state.push_token_tracked_at,
-                }
-                for app, state in sorted(self.engine.states().items())
-            },
-        }
-
-    def _status_line(self) -> str:
-        stats = self.store.stats()
-        states = [p["state"] for p in self.syncer.status().get("projects", [])]
-        sync = ",".join(sorted(set(states))) or "idle"
-        mqtt = "up" if self.mqtt is not None and self.mqtt.connected else "down"
-        return f"queue {stats.items} items / {stats.bytes} bytes; sync {sync}; mqtt {mqtt}"
+        mqtt: dict[str, Any] = {"enabled": self.config.mqtt.enabled, "connected": False}
+        if self.mqtt is not None:
+            mqtt.update(self.mqtt.status())
+        return build_status(
+            version=__version__,
+            device_id=self.config.device_id,
+            uptime=time.monotonic() - self.started_monotonic,
+            queue=self.store.stats(),
+            recovered=self.store.recovered,
+            sync=self.syncer.status(),
+            clock=self.clock.status(),
+            mqtt=mqtt,
+            config=ConfigState(
+                str(self.config_path) if self.config_path else None,
+                self.config_generation,
+                self.config_loaded_at,
+                self.reload_error,
+            ),
+            apps=self.engine.states(),
+            commands=self.dispatcher.counts(),
+        )
 
     def _publish_status(self) -> None:
         if self.mqtt is not None:

@@ -32,12 +32,11 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
+from agent.dispatch import Accepted, Dispatcher, Origin, Reply
 from agent.errors import InternalError, TooLarge, Unavailable
-from agent.intake import Accepted, Origin, Reply, reply_for_unreadable
 from agent.logs import RateLimitedLog
 
 log = logging.getLogger("engagement_agent.ipc")
@@ -56,27 +55,6 @@ RESERVED_CONNECTIONS = 8
 #: Connects the kernel queues for us to accept; a burst of refused ones holds a descriptor each.
 LISTEN_BACKLOG = 256
 _PEERCRED = struct.Struct("3i")
-
-
-class Dispatcher(Protocol):
-    """What the daemon provides to the socket.
-
-    `prepare` runs every check synchronously. Commands for which `batchable` is true (they go
-    through the store's writer) are handed to `run_batch` a chunk at a time, in request order;
-    it must run them in that order, each on its own (one refused command fails only itself),
-    and call `done(replies)` once, on the event loop, after all of them are committed or
-    refused. Any other accepted command runs with `run_one`, which must wait for `turn` (set
-    once every earlier reply of its connection is out and the client reads its replies)
-    before it does anything.
-    """
-
-    def prepare(self, line: bytes, origin: Origin) -> Reply | Accepted: ...
-
-    def batchable(self, command: Accepted) -> bool: ...
-
-    def run_batch(self, commands: list[Accepted], done: Callable[[list[Reply]], None]) -> None: ...
-
-    def run_one(self, command: Accepted, turn: asyncio.Future[None]) -> Awaitable[Reply]: ...
 
 
 def peer_uid(sock: socket.socket | None) -> int | None:
@@ -141,7 +119,10 @@ class _Connection(asyncio.Protocol):
         refusal = self._server.admit(self)
         if refusal is not None:
             self._closing = True
-            transport.write(_line_of(reply_for_unreadable(Unavailable(refusal))))
+            reply = self._server.dispatcher.refuse(
+                Unavailable(refusal), Origin("socket", uid=self.uid)
+            )
+            transport.write(_line_of(reply))
             transport.close()
             return
         self._transport = transport
@@ -289,7 +270,7 @@ class _Connection(asyncio.Protocol):
             f"command line is longer than {limit} bytes (limits.max_command_bytes); "
             "it was discarded"
         )
-        self._ready(_Slot(line=_line_of(reply_for_unreadable(error))))
+        self._ready(_Slot(line=_line_of(self._server.dispatcher.refuse(error, self._origin))))
 
     def _ready(self, slot: _Slot) -> None:
         """Queue a slot whose reply is already known."""
@@ -299,16 +280,12 @@ class _Connection(asyncio.Protocol):
 
     def _request(self, line: bytes, batch: list[Accepted], slots: list[_Slot]) -> None:
         server = self._server
-        if not server.accepting:
-            error = Unavailable("the agent is shutting down")
-            self._ready(_Slot(line=_line_of(reply_for_unreadable(error))))
-            return
         dispatcher = server.dispatcher
         prepared = dispatcher.prepare(line, self._origin)
         if isinstance(prepared, Reply):
             self._ready(_Slot(line=_line_of(prepared)))
             return
-        if dispatcher.batchable(prepared):
+        if prepared.grouped:
             slot = _Slot(len(line))
             server.pending_bytes += slot.size
             batch.append(prepared)
@@ -317,7 +294,7 @@ class _Connection(asyncio.Protocol):
             slot = _Slot()
             slot.turn = asyncio.get_running_loop().create_future()
             self._queries += 1
-            task = asyncio.ensure_future(dispatcher.run_one(prepared, slot.turn))
+            task = asyncio.ensure_future(self._query_in_turn(prepared, slot.turn))
             task.add_done_callback(lambda task: self._query_done(slot, task))
         self._replies.append(slot)
 
@@ -333,7 +310,11 @@ class _Connection(asyncio.Protocol):
             self._server.release(released)
             self._server.schedule_flush(self)
 
-        self._server.dispatcher.run_batch(batch, done)
+        self._server.dispatcher.submit(batch, done)
+
+    async def _query_in_turn(self, command: Accepted, turn: asyncio.Future[None]) -> Reply:
+        await turn
+        return await self._server.dispatcher.query(command)
 
     def _query_done(self, slot: _Slot, task: asyncio.Future[Reply]) -> None:
         self._queries -= 1
@@ -341,7 +322,7 @@ class _Connection(asyncio.Protocol):
             error = InternalError("internal error; see the log")
             if not task.cancelled():
                 log.error("a socket query failed", exc_info=task.exception())
-            slot.line = _line_of(reply_for_unreadable(error))
+            slot.line = _line_of(self._server.dispatcher.refuse(error, self._origin))
         else:
             slot.line = _line_of(task.result())
         self._ready_bytes += len(slot.line)
@@ -383,9 +364,6 @@ class _Connection(asyncio.Protocol):
     def close_when_done(self) -> None:
         self._closing = True
         self._flush_replies()
-
-    def in_flight(self) -> int:
-        return sum(1 for slot in self._replies if slot.line is None)
 
     # -- idleness ---------------------------------------------------------------------------
     def _touch(self) -> None:
@@ -547,16 +525,13 @@ class SocketServer:
                 connection.update_reading()
 
     def stop_accepting(self) -> None:
-        """Stop taking new commands: new lines get `unavailable`, the listener closes, and
-        queries held back for clients that do not read run now, so shutdown need not wait."""
+        """Stop taking connections (the dispatcher refuses new commands): the listener closes,
+        and queries held back for clients that do not read run now, so shutdown need not wait."""
         self.accepting = False
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
             connection._flush_replies()
-
-    def in_flight(self) -> int:
-        return sum(connection.in_flight() for connection in self.connections)
 
     async def close(self) -> None:
         self.stop_accepting()

@@ -128,6 +128,31 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(max(value, logging.WARNING))
 
 
+# -- client-controlled text ------------------------------------------------------------------
+
+#: Control characters (C0, DEL, C1) and Unicode line/paragraph separators: a client could use
+#: them to forge journal lines or terminal escapes. The backslash is doubled so that an escape
+#: in the log always means we escaped something.
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+    ord("\\"): "\\\\",
+}
+#: Client text longer than this is cut in log lines (a topic may be 64 KiB).
+MAX_LOGGED_CHARS = 200
+
+
+def escape(text: object, limit: int = MAX_LOGGED_CHARS) -> str:
+    """`text` (a topic, an app or event name, anything a client sent) made safe for one log
+    line: control characters escaped as `\\xNN`, cut to `limit` characters with a marker.
+    Every log line that carries client text passes it through here."""
+    value = str(text)
+    if len(value) > limit:
+        return value[:limit].translate(_ESCAPES) + f"...({len(value) - limit} more)"
+    return value.translate(_ESCAPES)
+
+
 # -- rate limiting ---------------------------------------------------------------------------
 
 

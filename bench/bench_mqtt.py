@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""MQTT ingest: QoS 1 commands from `mosquitto_pub -l` through the adapter into memory.
+"""MQTT ingest: QoS 1 commands from `mosquitto_pub -l` until committed in the real queue.
 
-What it measures: commands/s from the first PUBLISH to the last command committed by an
-in-memory backend, through the real path — paho's network thread, the hop to asyncio, `Intake`
-(JSON + pydantic validation) and the manual PUBACK after the "commit". The baseline row is the
-C client `mosquitto_sub -q 1` draining the same stream from the same private broker in the same
-run, i.e. what the broker and the publisher can do at all on this machine.
+What it measures: commands/s from the first PUBLISH to the last command committed, through the
+agent's real path in this process — paho's network thread, the inbox and one hop to asyncio
+per burst, `agent.dispatch` (JSON + pydantic validation, authorization), the engine and the
+SQLite store with `durability = "full"` (fsync before the ack), then the manual PUBACK — and
+the agent's CPU time per command (this process's user + system time). The baseline row is the
+C client `mosquitto_sub -q 1` draining the same stream from the same private broker in the
+same run, i.e. what the broker and the publisher can do at all on this machine.
 
     python3 bench/bench_mqtt.py                 # 50,000 commands, 3 rounds each, medians
     python3 bench/bench_mqtt.py --count 20000 --rounds 1
@@ -13,14 +15,21 @@ run, i.e. what the broker and the publisher can do at all on this machine.
 The broker runs with `max_queued_messages 0`: the publisher outpaces any subscriber, and
 Mosquitto's default (1000 queued per client) would otherwise drop QoS 1 messages — see
 docs/mqtt.md.
+
+    python3 bench/bench_mqtt.py --paho-from-loop
+
+runs the design the agent did not take, for comparison: paho driven from the asyncio loop
+without a network thread (`add_reader`/`add_writer` on paho's socket and a `loop_misc` task, as
+aiomqtt did in its paho era). docs/benchmarks.md has both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
+import os
+import random
 import statistics
 import subprocess
 import sys
@@ -33,30 +42,92 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.config import AgentConfig, MqttConfig  # noqa: E402
-from agent.intake import Intake  # noqa: E402
-from agent.mqtt import MqttAdapter  # noqa: E402
+from agent.config import AgentConfig, MqttConfig, ProjectConfig, QueueConfig  # noqa: E402
+from agent.device import read_device_info  # noqa: E402
+from agent.dispatch import Accepted, Dispatcher  # noqa: E402
+from agent.engine import Engine, Runner  # noqa: E402
+from agent.mqtt.adapter import MqttAdapter  # noqa: E402
+from agent.mqtt.client import PahoClient  # noqa: E402
+from agent.mqtt.connection import Connection, Link  # noqa: E402
+from agent.store import Store  # noqa: E402
 from tests.fixtures.mosquitto import MosquittoBroker  # noqa: E402
 
 TOPIC = "engagement/bench/kiosk/command"
 
 
-class MemoryBackend:
-    """Commits into a counter; sets `done` when `target` commands have arrived."""
+class NoQueries:
+    """The benchmark sends tracking commands only."""
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.target = 0
-        self.done = asyncio.Event()
-
-    async def track(self, app: str, command: Any, now: float) -> Mapping[str, Any] | None:
-        self.count += 1
-        if self.count == self.target:
-            self.done.set()
-        return None
-
-    async def query(self, app: str, command: Any) -> Mapping[str, Any]:
+    async def query(self, command: Accepted) -> Mapping[str, Any]:
         return {}
+
+
+class LoopDrivenConnection(Connection):
+    """paho driven from the event loop instead of its network thread.
+
+    Only what the benchmark needs: one connection (blocking connect to the local broker), no
+    reconnects. Received messages then go through the same inbox, dispatcher and acks.
+    """
+
+    def _connect(self, link: Link) -> None:
+        loop = self._loop
+        cfg = link.config
+        version = link.protocol.version
+        client: PahoClient = self._build_client(link, version)
+        link.client, link.client_version = client, version
+
+        def opened(c: Any, userdata: Any, sock: Any) -> None:
+            loop.add_reader(sock, c.loop_read)
+
+        def closed(c: Any, userdata: Any, sock: Any) -> None:
+            loop.remove_reader(sock)
+            loop.remove_writer(sock)
+
+        def want_write(c: Any, userdata: Any, sock: Any) -> None:
+            loop.add_writer(sock, c.loop_write)
+
+        def written(c: Any, userdata: Any, sock: Any) -> None:
+            loop.remove_writer(sock)
+
+        client.on_socket_open = opened
+        client.on_socket_close = closed
+        client.on_socket_register_write = want_write
+        client.on_socket_unregister_write = written
+        if version == 5:
+            client.connect(cfg.host, cfg.port, cfg.keepalive, clean_start=False)
+        else:
+            client.connect(cfg.host, cfg.port, cfg.keepalive)
+
+        async def misc() -> None:  # keepalive pings
+            while client.loop_misc() == 0:
+                await asyncio.sleep(1.0)
+
+        self._misc = loop.create_task(misc())
+
+    async def stop(self, relink_timeout: float) -> None:
+        self._stopping = True
+        link = self.link
+        if link is not None and link.client is not None:
+            link.client.disconnect()
+        self._misc.cancel()
+
+
+class PahoFromLoop(MqttAdapter):
+    """The adapter with `LoopDrivenConnection` in place of its own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection = LoopDrivenConnection(
+            self._config,
+            self._loop,
+            on_message=self._receive,
+            on_connected=self._connected,
+            on_lost=self._cancel_retries,
+            drain=self._drain_work,
+            reconnect_base=1.0,
+            reconnect_cap=120.0,
+            rng=random.Random(),
+        )
 
 
 def write_lines(path: Path, count: int) -> None:
@@ -93,11 +164,27 @@ def baseline(broker: MosquittoBroker, lines: Path, count: int, round_no: int) ->
     return count / elapsed
 
 
+def cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 async def adapter_round(
-    broker: MosquittoBroker, lines: Path, count: int, protocol: int, round_no: int
-) -> float:
+    broker: MosquittoBroker,
+    directory: Path,
+    lines: Path,
+    count: int,
+    protocol: int,
+    round_no: int,
+    adapter_class: type[MqttAdapter] = MqttAdapter,
+) -> tuple[float, float]:
+    """(commands/s, agent CPU µs per command) for one run into a fresh database."""
     config = AgentConfig(
         device_id="bench",
+        project=ProjectConfig(
+            project_token="bench", authorization_token="bench", base_url="http://127.0.0.1:9"
+        ),
+        queue=QueueConfig(path=directory / f"queue-{protocol}-{round_no}.db", durability="full"),
         mqtt=MqttConfig(
             host="127.0.0.1",
             port=broker.port,
@@ -105,14 +192,28 @@ async def adapter_round(
             client_id=f"bench-agent-{protocol}-{round_no}",
         ),
     )
-    backend = MemoryBackend()
-    adapter = MqttAdapter(
-        config, Intake(config, backend), asyncio.get_running_loop(), lambda: {"online": True}
-    )
+    loop = asyncio.get_running_loop()
+    store = Store(config.queue)
+    store.open()
+    engine = Engine(store, config, read_device_info("bench-uuid", "kiosk", "bench"))
+    engine.load()
+    dispatcher = Dispatcher(config, Runner(engine, loop), NoQueries())
+    adapter = adapter_class(config, dispatcher, loop, lambda: {"online": True})
     adapter.start()
+
+    def committed() -> int:
+        return dispatcher.counts()["mqtt"].get("ok", 0)
+
+    async def until_committed(target: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while committed() < target:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
     # A probe proves the subscription is in place before the clock starts.
-    backend.target = 1
-    while not backend.done.is_set():
+    while True:
         subprocess.run(
             [
                 "mosquitto_pub",
@@ -127,26 +228,37 @@ async def adapter_round(
             ],
             check=True,
         )
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(backend.done.wait(), 1.0)
-    await asyncio.sleep(0.2)  # let stray probes land before resetting the counter
-    backend.count = 0
-    backend.target = count
-    backend.done = asyncio.Event()
+        if await until_committed(1, 1.0):
+            break
+    await asyncio.sleep(0.2)  # let stray probes land before taking the baseline count
+    before = committed()
+    cpu_before = cpu_seconds()
     start = time.perf_counter()
     producer = publisher(broker.port, lines, protocol)
-    await asyncio.wait_for(backend.done.wait(), 600)
+    if not await until_committed(before + count, 600):
+        raise RuntimeError("the commands were not all committed within 600 s")
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_before
     await asyncio.to_thread(producer.wait)
     await adapter.stop()
-    return count / elapsed
+    store.close()
+    return count / elapsed, cpu / count * 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--paho-from-loop", action="store_true", help="the alternative design, for comparison"
+    )
+    parser.add_argument(
+        "--protocol", type=int, choices=(3, 5), action="append", help="only these (default both)"
+    )
     args = parser.parse_args()
+    protocols = args.protocol or [5, 3]
+    adapter_class = PahoFromLoop if args.paho_from_loop else MqttAdapter
+    how = "paho driven from the loop" if args.paho_from_loop else "committed"
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         directory = Path(tmp)
         broker = MosquittoBroker(directory / "broker", ["max_queued_messages 0"])
@@ -154,31 +266,36 @@ def main() -> None:
         lines = directory / "commands.ndjson"
         write_lines(lines, args.count)
         broker.start()
+        rows: list[tuple[str, list[float], list[float]]] = [
+            ("mosquitto_sub -q 1 (C baseline)", [], []),
+            *(
+                (f"agent, MQTT {'5' if p == 5 else '3.1.1'} ({how}, durability full)", [], [])
+                for p in protocols
+            ),
+        ]
         try:
-            rows: list[tuple[str, list[float]]] = [
-                ("mosquitto_sub -q 1 (C baseline)", []),
-                ("adapter, MQTT 5 (Intake + manual ack)", []),
-                ("adapter, MQTT 3.1.1 (Intake + manual ack)", []),
-            ]
             for round_no in range(args.rounds):
                 rows[0][1].append(baseline(broker, lines, args.count, round_no))
-                rows[1][1].append(
-                    asyncio.run(adapter_round(broker, lines, args.count, 5, round_no))
-                )
-                rows[2][1].append(
-                    asyncio.run(adapter_round(broker, lines, args.count, 3, round_no))
-                )
+                for row, protocol in zip(rows[1:], protocols, strict=True):
+                    rate, cpu = asyncio.run(
+                        adapter_round(
+                            broker, directory, lines, args.count, protocol, round_no, adapter_class
+                        )
+                    )
+                    row[1].append(rate)
+                    row[2].append(cpu)
         finally:
             broker.stop()
     print(
         f"\nMQTT QoS 1 ingest, {args.count:,} commands from mosquitto_pub -l, "
         f"{args.rounds} round(s), median\n"
     )
-    print("| consumer | commands/s | rounds |")
-    print("|---|---:|---|")
-    for name, results in rows:
-        rounds = ", ".join(f"{r:,.0f}" for r in results)
-        print(f"| {name} | {statistics.median(results):,.0f} | {rounds} |")
+    print("| consumer | commands/s | agent CPU µs/command | rounds |")
+    print("|---|---:|---:|---|")
+    for name, rates, cpus in rows:
+        rounds = ", ".join(f"{r:,.0f}" for r in rates)
+        cpu_text = f"{statistics.median(cpus):,.0f}" if cpus else "–"
+        print(f"| {name} | {statistics.median(rates):,.0f} | {cpu_text} | {rounds} |")
 
 
 if __name__ == "__main__":

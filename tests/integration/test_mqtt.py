@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig, MqttConfig
+from agent.dispatch import Accepted, Dispatcher, Result
 from agent.errors import Unavailable
-from agent.intake import Intake
-from agent.mqtt import MAX_PENDING_BYTES, MqttAdapter, _PahoClient
+from agent.mqtt.adapter import MAX_PENDING_BYTES, MqttAdapter
+from agent.mqtt.client import PahoClient
 from tests.fixtures.daemon import wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
 
@@ -49,28 +50,41 @@ STATUS = f"engagement/{DEVICE}/status"
 
 
 class FakeBackend:
-    """Commits into a list. `gate` holds commits; `fail_next` makes calls unavailable."""
+    """The dispatcher's writer and queries: commits into a list. `gate` holds commits;
+    `fail_next` makes commands unavailable."""
 
     def __init__(self) -> None:
         self.committed: list[tuple[str, Any]] = []
         self.calls = 0
+        self.groups = 0
         self.waiting = 0
         self.fail_next = 0
         self.gate: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def track(self, app: str, command: Any, now: float) -> Mapping[str, Any] | None:
-        self.calls += 1
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            raise Unavailable("the disk is full")
-        if self.gate is not None:
-            self.waiting += 1
+    def commit(self, commands: Sequence[Accepted], done: Callable[[list[Result]], None]) -> None:
+        self.groups += 1
+        task = asyncio.ensure_future(self._commit(list(commands), done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _commit(self, commands: list[Accepted], done: Callable[[list[Result]], None]) -> None:
+        if self.gate is not None:  # a stalled writer holds the whole group
+            self.waiting += len(commands)
             await self.gate.wait()
-        self.committed.append((app, command))
-        return None
+        results: list[Result] = []
+        for command in commands:
+            self.calls += 1
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                results.append(Unavailable("the disk is full"))
+            else:
+                self.committed.append((command.app, command.command))
+                results.append(None)
+        done(results)
 
-    async def query(self, app: str, command: Any) -> Mapping[str, Any]:
-        return {"app": app, "queried": command.command}
+    async def query(self, command: Accepted) -> Mapping[str, Any]:
+        return {"app": command.app, "queried": command.command_name}
 
     def names(self) -> list[str]:
         return [command.name for _, command in self.committed if command.command == "track_event"]
@@ -192,7 +206,7 @@ class Harness:
         }
         adapter = MqttAdapter(
             self.config,
-            Intake(self.config, backend),
+            Dispatcher(self.config, backend, backend),
             asyncio.get_running_loop(),
             lambda: dict(self.status),
             **options,
@@ -486,19 +500,20 @@ def test_status_is_not_republished_for_values_that_move_with_the_clock(
 AGENT_PROCESS = """
 import asyncio, sys
 from agent.config import AgentConfig, MqttConfig
-from agent.intake import Intake
-from agent.mqtt import MqttAdapter
+from agent.dispatch import Dispatcher
+from agent.mqtt.adapter import MqttAdapter
 
 class Backend:
-    async def track(self, app, command, now):
-        return None
-    async def query(self, app, command):
+    def commit(self, commands, done):
+        done([None] * len(commands))
+    async def query(self, command):
         return {}
 
 async def main():
     config = AgentConfig(device_id="dev9", mqtt=MqttConfig(host="127.0.0.1", port=int(sys.argv[1])))
-    adapter = MqttAdapter(config, Intake(config, Backend()), asyncio.get_running_loop(),
-                          lambda: {"online": True, "pid": 1})
+    backend = Backend()
+    adapter = MqttAdapter(config, Dispatcher(config, backend, backend),
+                          asyncio.get_running_loop(), lambda: {"online": True, "pid": 1})
     adapter.start()
     await asyncio.Event().wait()
 
@@ -627,7 +642,7 @@ def test_broker_down_at_start_neither_raises_nor_blocks(mosquitto: MosquittoBrok
         config = make_config(mosquitto.port)
         adapter = MqttAdapter(
             config,
-            Intake(config, backend),
+            Dispatcher(config, backend, backend),
             asyncio.get_running_loop(),
             lambda: {"online": True},
             reconnect_base=0.1,
@@ -692,9 +707,10 @@ def test_invalid_settings_never_raise_from_start(tmp_path: Path) -> None:
             device_id=DEVICE,
             mqtt=MqttConfig(host="127.0.0.1", port=1, tls=True, ca_file=tmp_path / "missing"),
         )
+        backend = FakeBackend()
         adapter = MqttAdapter(
             config,
-            Intake(config, FakeBackend()),
+            Dispatcher(config, backend, backend),
             asyncio.get_running_loop(),
             lambda: {"online": True},
             reconnect_base=0.05,
@@ -779,7 +795,7 @@ def test_loop_stop_never_races_the_ending_network_thread(mosquitto: MosquittoBro
     for i in range(40):
         connected = threading.Event()
         ended = threading.Event()
-        client = _PahoClient(
+        client = PahoClient(
             idle_timeout=15.0,
             on_thread_exit=lambda error, ended=ended: ended.set(),
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -816,7 +832,7 @@ def test_reload_reconnects_even_if_stopping_the_old_thread_fails(
         harness = Harness(mosquitto)
         backend = FakeBackend()
         adapter = await harness.start(backend)
-        link = adapter._link
+        link = adapter._connection.link
         assert link is not None and link.client is not None
 
         def broken_loop_stop() -> Any:
@@ -829,7 +845,7 @@ def test_reload_reconnects_even_if_stopping_the_old_thread_fails(
                 mqtt=MqttConfig(host="127.0.0.1", port=mosquitto.port, topic_prefix="site/b"),
             )
         )
-        await until(lambda: adapter._link not in (None, link), "a new link")
+        await until(lambda: adapter._connection.link not in (None, link), "a new link")
         await until(lambda: adapter.connected, "the new connection")
         app = AppClient(mosquitto.port)
         app.publish(f"site/b/{DEVICE}/kiosk/command", track("after-reload"))

@@ -520,7 +520,7 @@ class TcpProxy:
                 self.sockets += [client, upstream]
                 self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 
     def flap(self) -> None:
         self.down.set()
@@ -546,7 +546,8 @@ def _abort(sock: socket.socket) -> None:
         pass
 
 
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
+def pipe(source: socket.socket, sink: socket.socket) -> None:
+    """Copy `source` to `sink` until either side ends, then shut both down."""
     try:
         while True:
             data = source.recv(65536)

@@ -24,7 +24,7 @@ from tests.reliability.harness import (
 )
 
 RECEIVE_MAXIMUM = 100
-#: The agent's reconnect backoff (agent/mqtt.py: 1 s doubling to 120 s, full jitter) is only
+#: The agent's reconnect backoff (agent/mqtt/link.py: 1 s doubling to 120 s, full jitter) is only
 #: reset by a connection that lasted 30 s; back-to-back outages push it to the cap, so a
 #: reconnect may legitimately take up to 120 s.
 RECONNECT_WITHIN = 150.0

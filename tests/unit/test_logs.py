@@ -141,3 +141,14 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
         "upload failed: timeout (repeated 3 times in the last 61 s)",
         "upload works again",
     ]
+
+
+def test_escape_makes_client_text_one_harmless_line() -> None:
+    from agent.logs import escape
+
+    assert escape("kiosk") == "kiosk"
+    assert escape("a\nb\r\x1b[31m\x7f\x85\u2028") == "a\\x0ab\\x0d\\x1b[31m\\x7f\\x85\\u2028"
+    assert escape("back\\slash") == "back\\\\slash"  # an escape in the log is always ours
+    assert escape("ünïcödé") == "ünïcödé"
+    long = escape("x" * 500)
+    assert long.startswith("x" * 200) and long.endswith("...(300 more)")
