@@ -83,3 +83,5 @@ def test_metrics_verb_prints_the_running_agents_metrics(make_agent: Any) -> None
     metrics = values(done.stdout)
     assert metrics["engagement_agent_queue_items"] == 2
     assert metrics["engagement_agent_queue_max_bytes"] > 0
+    # The tracked command (the status request is counted once it has been answered).
+    assert metrics["engagement_agent_commands_total{result=ok}{transport=socket}"] == 1
