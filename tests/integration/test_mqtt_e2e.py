@@ -9,6 +9,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
@@ -22,10 +23,12 @@ DEVICE = "test-device"
 class Subscriber:
     """An app-side client that records every message on the topics it subscribed to."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(
+        self, port: int, topic: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+    ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: subscribed.set()
