@@ -17,6 +17,7 @@ import pytest
 from agent.cli import main
 from tests.fixtures.daemon import REPO, AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker, free_port
+from tests.fixtures.rabbitmq import RabbitMQNode
 from tests.unit import test_cli
 
 # The machine's /etc config and environment stay out (fixtures shared with test_cli).
@@ -252,3 +253,27 @@ def test_tls_and_a_password_file(
         assert "certificate verify failed" in err and err.count("\n") == 1
     finally:
         broker.stop()
+
+
+def test_named_devices_work_on_rabbitmq(
+    make_agent: Any, rabbitmq: RabbitMQNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RabbitMQ's MQTT plugin sends retained messages only to exact-topic subscriptions:
+    naming the device is how `fleet` reads it there (docs/mqtt.md)."""
+    agent: AgentProcess = make_agent({
+        "device_id": "rabbit-fleet",
+        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": rabbitmq.mqtt_port, "protocol": 3},
+    })
+    agent.start()
+    args = ("fleet", "rabbit-fleet", "--json", "--host", "127.0.0.1",
+            "--port", str(rabbitmq.mqtt_port))
+
+    def rows() -> list[dict[str, Any]]:
+        code, out, err = run(capsys, *args)
+        assert code == 0, err
+        listed: list[dict[str, Any]] = json.loads(out)
+        return listed
+
+    online = wait_for(lambda: (r := rows()) and r[0]["online"] and r, 60, "the retained status")
+    assert online[0]["device_id"] == "rabbit-fleet"
+    assert online[0]["version"] == agent.status()["version"]
