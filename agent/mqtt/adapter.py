@@ -216,8 +216,11 @@ class MqttAdapter:
             )
             return
         props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        response_topic = None
+        correlation = None
+        if props is not None:
+            response_topic = self._response_topic(link, app, getattr(props, "ResponseTopic", None))
+            correlation = getattr(props, "CorrelationData", None)
         payload = bytes(message.payload)
         inbound = _Inbound(
             link,
@@ -227,8 +230,8 @@ class MqttAdapter:
             app,
             payload,
             bool(message.retain),
-            response_topic if isinstance(response_topic, str) and response_topic else None,
-            bytes(correlation) if correlation is not None else None,
+            response_topic,
+            bytes(correlation) if correlation is not None and response_topic else None,
         )
         max_count, max_bytes = self._pending_limits
         admission = self._inbox.put(inbound, len(payload), message.qos, max_count, max_bytes)
@@ -251,6 +254,28 @@ class MqttAdapter:
                 self._loop.call_soon_threadsafe(self._drain_inbox)
             except RuntimeError:
                 self._inbox.wake_failed()
+
+    def _response_topic(self, link: Link, app: str, requested: object) -> str | None:
+        """The MQTT 5 response topic to honour, or None (replies go to the usual topics).
+
+        Only the commanding app's own `response/` subtree is honoured: anything else could
+        be another app's reply or response topic, which the agent's account may write and
+        the broker therefore cannot protect (docs/security.md). The refusal is said in the
+        journal, at most once a minute.
+        """
+        if not isinstance(requested, str) or not requested:
+            return None
+        if link.topics.honours_response_topic(app, requested):
+            return requested
+        self._log.warning(
+            "foreign-response-topic",
+            "MQTT: ignored the response topic %s of a command for app %s: only topics under "
+            "%s are honoured; the reply goes to the app's usual topics",
+            escape(requested),
+            escape(app),
+            escape(link.topics.response_prefix(app)),
+        )
+        return None
 
     def _ack_raw(self, link: Link, conn_id: int, message: paho.MQTTMessage) -> None:
         if link.client is not None and link.connected and conn_id == link.conn_id:

@@ -9,6 +9,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
@@ -24,6 +26,7 @@ class Subscriber:
 
     def __init__(self, port: int, topic: str) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.correlation: list[tuple[str, bytes | None]] = []  # (topic, correlation data)
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -37,6 +40,8 @@ class Subscriber:
     def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
             self.messages.append((message.topic, message.payload, bool(message.retain)))
+            data = getattr(message.properties, "CorrelationData", None)
+            self.correlation.append((message.topic, bytes(data) if data is not None else None))
 
     def on(self, topic: str) -> list[Any]:
         with self._lock:
@@ -194,3 +199,44 @@ def test_redirect_attack_over_mqtt_is_forbidden_and_status_shows_no_ids(
         app_side.close()
         watcher.close()
         attacker.stop()
+
+
+def test_an_app_cannot_forge_another_apps_replies_through_a_response_topic(
+    agent: AgentProcess, mosquitto: MosquittoBroker
+) -> None:
+    """kiosk-ui names pos's reply topic as its MQTT 5 response topic: the agent may write it
+    (so the broker cannot stop this), but only kiosk-ui's own response/ subtree is honoured;
+    the reply goes to kiosk-ui's reply topic, and the journal says so once."""
+    pos_reply = f"{PREFIX}/{DEVICE}/pos/reply"
+    own = f"{PREFIX}/{DEVICE}/kiosk-ui"
+    spy = Subscriber(mosquitto.port, f"{PREFIX}/#")
+    app = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    app.connect("127.0.0.1", mosquitto.port)
+    app.loop_start()
+
+    def request(command: dict[str, Any], response_topic: str, correlation: bytes) -> None:
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = response_topic
+        properties.CorrelationData = correlation
+        app.publish(f"{own}/command", json.dumps(command), qos=1, properties=properties)
+
+    try:
+        forged = {"command": "track_event", "name": "paid", "request_id": "forged"}
+        request(forged, pos_reply, b"c-forged")
+        request({"command": "status"}, f"{PREFIX}/{DEVICE}/pos/response/x", b"c-forged-2")
+        wait_for(lambda: len(spy.on(f"{own}/reply")) == 2, 15, "kiosk-ui's own replies")
+        request({"command": "status", "request_id": "legit"}, f"{own}/response/xyz", b"c-1")
+        wait_for(lambda: spy.on(f"{own}/response/xyz"), 15, "the legitimate response")
+        (response,) = spy.on(f"{own}/response/xyz")
+        assert response["ok"] and response["request_id"] == "legit"
+        assert (f"{own}/response/xyz", b"c-1") in spy.correlation
+        assert spy.on(pos_reply) == [] and spy.on(f"{PREFIX}/{DEVICE}/pos/response/x") == []
+        # (A query and a tracking command are answered in either order.)
+        assert {r["request_id"] for r in spy.on(f"{own}/reply")} == {"forged", None}
+        assert all(c is None for t, c in spy.correlation if t == f"{own}/reply")
+        said = [line for line in agent.log().splitlines() if "ignored the response topic" in line]
+        assert len(said) == 1 and pos_reply in said[0]
+    finally:
+        app.loop_stop()
+        app.disconnect()
+        spy.close()
