@@ -88,7 +88,6 @@ class Daemon:
         self.dispatcher: Dispatcher
         self.server: SocketServer
         self.mqtt: Any = None
-        self._mqtt_up = False  # as last seen: a change to up is a network hint for sync
         self._loop: asyncio.AbstractEventLoop
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -167,17 +166,16 @@ class Daemon:
             return
         from agent.mqtt.adapter import MqttAdapter
 
-        self.mqtt = MqttAdapter(self.config, self.dispatcher, self._loop, self._mqtt_status)
+        # A link that (re)connects is the hint that the network is back: sync probes an
+        # unreachable API at once instead of waiting for its probe schedule.
+        self.mqtt = MqttAdapter(
+            self.config,
+            self.dispatcher,
+            self._loop,
+            self.status,
+            on_connect=self.syncer.network_hint,
+        )
         self.mqtt.start()
-
-    def _mqtt_status(self) -> dict[str, Any]:
-        """Status for the MQTT adapter, which asks for it on every (re)connect (the retained
-        status is published then). A link that came up since the watchdog last saw it down is
-        the hint that the network is back: sync probes an unreachable API at once."""
-        if not self._mqtt_up:
-            self._mqtt_up = True
-            self.syncer.network_hint()
-        return self.status()
 
     def _install_signals(self) -> None:
         self._loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -271,7 +269,6 @@ class Daemon:
                 self.notifier.watchdog()
             else:
                 log.error("the database writer makes no progress; not petting the watchdog")
-            self._mqtt_up = self._mqtt_up and self.mqtt is not None and self.mqtt.connected
             line = status_line(self.status())
             if line != shown:
                 self.notifier.status(line)

@@ -76,7 +76,10 @@ class _StatusTimers:
 class MqttAdapter:
     """The MQTT side of the daemon. Construct on any thread; call everything else on `loop`.
 
-    `status_changed()` alone may be called from any thread. The keyword-only timings exist for
+    `status_changed()` alone may be called from any thread. `on_connect()` is called on the
+    loop after every connection the broker accepted, the first and each reconnect, however
+    short the outage was: a link that comes back is the daemon's sign that the network is
+    back (sync then probes an unreachable API at once). The keyword-only timings exist for
     tests and benchmarks; the defaults are the documented ones (reconnect 1 s doubling to
     120 s with full jitter, unavailable-retry 1 s doubling to 30 s, status at most every 10 s
     and at least every 5 minutes).
@@ -89,6 +92,7 @@ class MqttAdapter:
         loop: asyncio.AbstractEventLoop,
         status: Callable[[], Mapping[str, Any]],
         *,
+        on_connect: Callable[[], None] | None = None,
         reconnect_base: float = 1.0,
         reconnect_cap: float = 120.0,
         retry_base: float = 1.0,
@@ -103,6 +107,7 @@ class MqttAdapter:
         self._dispatcher = dispatcher
         self._loop = loop
         self._status = status
+        self._on_connect = on_connect
         self._retry_base = retry_base
         self._retry_cap = retry_cap
         self._drain_timeout = drain_timeout
@@ -542,6 +547,11 @@ class MqttAdapter:
         link.down_reported = False
         link.ever_connected = True
         self._publish_status(force=True)
+        if self._on_connect is not None:
+            try:
+                self._on_connect()
+            except Exception:
+                log.exception("MQTT: the on-connect callback failed")
 
     def _on_status_hint(self) -> None:
         self._status_hint_pending = False

@@ -688,6 +688,26 @@ def test_broker_restart_mid_stream_loses_no_acknowledged_message(
     run(scenario)
 
 
+def test_on_connect_is_called_for_every_connection_however_short_the_outage(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """The daemon's network hint for sync (docs/sync.md, "Network") hangs on this."""
+
+    async def scenario() -> None:
+        connects: list[bool] = []
+        adapter = await Harness(mosquitto).start(
+            FakeBackend(), on_connect=lambda: connects.append(adapter.connected)
+        )
+        await until(lambda: connects == [True], "the first connection's call")
+        await to_thread(mosquitto.stop)
+        await until(lambda: not adapter.connected, "the link to drop")
+        await to_thread(mosquitto.start)
+        await until(lambda: connects == [True, True], "the reconnection's call")
+        await adapter.stop()
+
+    run(scenario)
+
+
 def test_broker_down_at_start_neither_raises_nor_blocks(mosquitto: MosquittoBroker) -> None:
     async def scenario() -> None:
         mosquitto.stop()

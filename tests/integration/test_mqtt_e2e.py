@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -13,9 +14,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent_devtools.apistub import ApiStub
-from tests.fixtures.api import api_project
+from tests.fixtures.api import API_PROJECTS, api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
-from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.mosquitto import MosquittoBroker, free_port
 
 PREFIX = "engagement"
 DEVICE = "test-device"
@@ -240,3 +241,50 @@ def test_an_app_cannot_forge_another_apps_replies_through_a_response_topic(
         app.loop_stop()
         app.disconnect()
         spy.close()
+
+
+def test_an_mqtt_reconnect_wakes_a_project_waiting_on_the_probe_schedule(
+    make_agent: Any, mosquitto: MosquittoBroker
+) -> None:
+    """The API is unreachable, so the project waits for its next network probe (minutes
+    away); the network comes back, and the broker link reconnecting is what says so: the
+    queue drains long before the probe. The broker's outage is far shorter than the
+    daemon's watchdog period, which a hint taken from the watchdog would miss."""
+    probe_interval = 600.0  # the next probe is 300 to 900 s away
+    api = ApiStub("127.0.0.1", free_port(), API_PROJECTS)  # restarts on the same port
+    api.start()
+    api.stop()  # the API (and the network to it) is gone
+    agent: AgentProcess = make_agent(
+        {
+            "device_id": DEVICE,
+            "project": api_project(api),
+            "mqtt": {"enabled": True, "host": "127.0.0.1", "port": mosquitto.port},
+            "sync": {"flush_mode": "immediate", "probe_interval": probe_interval},
+        }
+    )
+    try:
+        agent.start()
+        wait_for(lambda: agent.status()["mqtt"]["connected"], 15, "the agent's MQTT connection")
+        for i in range(5):
+            reply = agent.request({"command": "track_event", "name": f"offline{i}"})
+            assert reply["ok"], reply
+
+        def waiting_for_probe() -> dict[str, Any] | None:
+            (project,) = agent.status()["sync"]["projects"]
+            refused = "refused" in (project["last_error"] or "")
+            return project if refused and project["next_attempt"] is not None else None
+
+        project = wait_for(waiting_for_probe, 30, "the project waiting for its network probe")
+        assert project["state"] == "backoff"
+        assert project["next_attempt"] - time.time() > probe_interval / 2 - 30
+        api.start()
+        mosquitto.stop()
+        wait_for(lambda: not agent.status()["mqtt"]["connected"], 30, "the link to drop")
+        mosquitto.start()
+        deadline = time.monotonic() + 60.0  # a tenth of the probe interval
+        wait_for(lambda: agent.status()["queue"]["items"] == 0, 60, "the queue to drain")
+        assert time.monotonic() < deadline
+        assert {f"offline{i}" for i in range(5)} <= set(event_types(api))
+    finally:
+        agent.close()
+        api.stop()
