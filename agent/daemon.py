@@ -47,14 +47,16 @@ DEVICE_UUID_META = "device_uuid"
 GC_GEN0_THRESHOLD = 20_000
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Keep the cyclic GC off the per-command path.
 
     Everything alive once the daemon is started (modules, pydantic schemas, config) is moved
     to the permanent generation, so full collections stop re-scanning it; and young
     collections run every GC_GEN0_THRESHOLD allocations instead of 700. Under pipelined
     ingest this was a third of the writer thread's CPU. Commands create almost no reference
-    cycles, so garbage is still freed at once by reference counting.
+    cycles, so garbage is still freed at once by reference counting. Public so that the
+    benchmarks that build the agent's parts in-process (bench/bench_mqtt.py) measure what
+    the daemon runs.
     """
     gc.collect()
     gc.freeze()
@@ -136,7 +138,7 @@ class Daemon:
         self.runner.arm_pending_timers()
         self._start_mqtt()
         self._install_signals()
-        _tune_gc()
+        tune_gc()
         self.notifier.ready()
         self._publish_status()
         log.info(

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.config import AgentConfig, MqttConfig, ProjectConfig, QueueConfig  # noqa: E402
+from agent.daemon import tune_gc  # noqa: E402
 from agent.device import read_device_info  # noqa: E402
 from agent.dispatch import Accepted, Dispatcher  # noqa: E402
 from agent.engine import Engine, Runner  # noqa: E402
@@ -199,6 +200,7 @@ async def adapter_round(
     engine.load()
     dispatcher = Dispatcher(config, Runner(engine, loop), NoQueries())
     adapter = adapter_class(config, dispatcher, loop, lambda: {"online": True})
+    tune_gc()  # as the daemon does once it is started
     adapter.start()
 
     def committed() -> int:

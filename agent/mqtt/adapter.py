@@ -48,6 +48,9 @@ paho_log = logging.getLogger("engagement_agent.mqtt.paho")
 
 #: Replies to these go to the reply topic even without a request_id (docs/mqtt.md).
 QUERY_COMMANDS = frozenset({"status", "flush", "get_customer"})
+#: Valid app names whose `Origin` is kept: the app name check and the `Origin` are then
+#: done once per app instead of once per message. Bounded, since topics are client input.
+MAX_CACHED_ORIGINS = 256
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is slow, and this is per message
@@ -128,6 +131,7 @@ class MqttAdapter:
         self._work: set[asyncio.Future[Any]] = set()
         self._retrying: set[asyncio.Task[None]] = set()
         self._inbox: Inbox[_Inbound] = Inbox()
+        self._origins: dict[str, Origin] = {}  # loop thread only
         self._status_policy = StatusPolicy(status_min_interval, status_max_interval)
         self._status_timers = _StatusTimers()
         self._status_hint_pending = False
@@ -320,7 +324,12 @@ class MqttAdapter:
 
     def _prepare(self, inbound: _Inbound) -> Reply | Accepted:
         """The topic's checks, then the dispatcher's."""
-        if not is_valid_app_name(inbound.app):
+        origin = self._origins.get(inbound.app)
+        if origin is None and is_valid_app_name(inbound.app):
+            origin = inbound.origin
+            if len(self._origins) < MAX_CACHED_ORIGINS:
+                self._origins[inbound.app] = origin
+        if origin is None:
             return self._refuse(
                 inbound,
                 InvalidCommand(
@@ -340,7 +349,7 @@ class MqttAdapter:
                     [{"field": "(command)", "reason": "retained"}],
                 ),
             )
-        return self._dispatcher.prepare(inbound.payload, inbound.origin)
+        return self._dispatcher.prepare(inbound.payload, origin)
 
     def _refuse(self, inbound: _Inbound, error: AgentError) -> Reply:
         request_id = None
@@ -600,4 +609,4 @@ class MqttAdapter:
         timers.deferred = timers.heartbeat = None
 
 
-__all__ = ["MAX_PENDING_BYTES", "QUERY_COMMANDS", "MqttAdapter"]
+__all__ = ["MAX_CACHED_ORIGINS", "MAX_PENDING_BYTES", "QUERY_COMMANDS", "MqttAdapter"]
