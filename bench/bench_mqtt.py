@@ -4,10 +4,11 @@
 What it measures: commands/s from the first PUBLISH to the last command committed, through the
 agent's real path in this process — paho's network thread, the inbox and one hop to asyncio
 per burst, `agent.dispatch` (JSON + pydantic validation, authorization), the engine and the
-SQLite store with `durability = "full"` (fsync before the ack), then the manual PUBACK — and
-the agent's CPU time per command (this process's user + system time). The baseline row is the
-C client `mosquitto_sub -q 1` draining the same stream from the same private broker in the
-same run, i.e. what the broker and the publisher can do at all on this machine.
+SQLite store with `durability = "full"` (fsync before the ack), then the manual PUBACK, with
+the daemon's GC settings (`agent.daemon.tune_gc`) — and the agent's CPU time per command
+(this process's user + system time). The baseline row is the C client `mosquitto_sub -q 1`
+draining the same stream from the same private broker in the same run, i.e. what the broker
+and the publisher can do at all on this machine.
 
     python3 bench/bench_mqtt.py                 # 50,000 commands, 3 rounds each, medians
     python3 bench/bench_mqtt.py --count 20000 --rounds 1
