@@ -67,8 +67,10 @@ def test_live_queue_commands(
 
 def test_live_list_says_what_each_item_is(cli: Run, agent: FakeAgent) -> None:
     """Project token (never an internal number), app, kind, age, size: enough to act on."""
-    customer = {**ITEM, "id": 8, "app": None, "kind": "customer", "size": 2048, "held": True}
-    agent.responder = ok({"items": [ITEM, customer]})
+    # Stamped now, not at import: in a long run the module is imported minutes before this runs.
+    item = {**ITEM, "created_at": time.time() - 3725}
+    customer = {**item, "id": 8, "app": None, "kind": "customer", "size": 2048, "held": True}
+    agent.responder = ok({"items": [item, customer]})
     code, out, _ = cli("queue", "list", "--limit", "2")
     lines = out.splitlines()
     assert code == 0
