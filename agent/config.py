@@ -299,6 +299,9 @@ class MqttConfig(_Section):
 MAX_SOCKET_CONNECTIONS = 1024
 #: Cap on `socket.max_connections_per_uid × socket.max_pending_reply_bytes`.
 MAX_OWED_REPLY_BYTES_PER_UID = 32 * 1024 * 1024
+#: Cap on `socket.max_connections × limits.max_command_bytes`: every connection may hold a
+#: partial line, so this is what the partial lines of all clients may cost together.
+MAX_SOCKET_INPUT_BYTES = 16 * 1024 * 1024
 
 
 class SocketConfig(_Section):
@@ -853,6 +856,18 @@ def _check_conflicting_projects(config: AgentConfig, load: _Load) -> None:
             )
 
 
+def _check_socket_input(config: AgentConfig, load: _Load) -> None:
+    """Every socket connection may hold a partial line; together they stay within what keeps
+    hostile clients under 64 MB (docs/security.md)."""
+    held = config.socket.max_connections * config.limits.max_command_bytes
+    if held > MAX_SOCKET_INPUT_BYTES:
+        load.problem(
+            ("limits", "max_command_bytes"),
+            f"socket.max_connections × limits.max_command_bytes is {held} bytes; at most "
+            f"{MAX_SOCKET_INPUT_BYTES} (16 MiB) are allowed, lower one of them",
+        )
+
+
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read, merge and validate the configuration; raises `ConfigError` with every problem.
 
@@ -884,6 +899,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     config = _validate(data, load)
     if config is not None:
         _check_conflicting_projects(config, load)
+        _check_socket_input(config, load)
     if load.problems or config is None:
         raise ConfigError(load.problems, source)
     return config
