@@ -57,7 +57,7 @@ MAX_QUERIES_IN_FLIGHT = 16
 MAX_PENDING_BYTES = 1024 * 1024
 #: Replies the clients of other users than root and the agent's own have not read, across all
 #: their connections: past it each of them must read what it was sent before it is read from
-#: again (docs/security.md, "What hostile clients can cost").
+#: again (docs/security.md, "What hostile clients can cost, in all").
 MAX_UNREAD_REPLY_BYTES = 8 * 1024 * 1024
 #: How often the unread replies are counted again while they are over the budget (they shrink
 #: as clients read, which the transport does not report).
