@@ -339,7 +339,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if prepared.grouped:
             slot = _Slot(len(line))
-            server.pending_bytes += slot.size
+            server.take(slot.size)
             batch.append(prepared)
             slots.append(slot)
         else:
@@ -607,6 +607,16 @@ class SocketServer:
         held, self.held = self.held, set()
         for connection in held:
             connection._flush_replies()
+
+    def take(self, size: int) -> None:
+        """Count `size` bytes of a batched request in. Past `MAX_PENDING_BYTES` every
+        connection stops reading at once, not only the one that crossed it: each read would
+        parse at least one more command, and a parsed command takes several times its line."""
+        below = self.pending_bytes <= MAX_PENDING_BYTES
+        self.pending_bytes += size
+        if below and self.pending_bytes > MAX_PENDING_BYTES:
+            for connection in list(self.connections):
+                connection.update_reading()
 
     def release(self, size: int) -> None:
         """The writer is done with batched requests; resume paused connections once half the
