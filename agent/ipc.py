@@ -23,7 +23,8 @@ attacks; docs/protocol.md the rules a client sees):
   past it, a connection is read from (and its next query runs) only while it owes nothing
   more, so several hostile accounts together cost what the budget allows, not
   `socket.max_connections` times what one connection may. Requests being worked on by the
-  writer count against `MAX_PENDING_BYTES` across all connections.
+  writer count against `MAX_PENDING_BYTES` across all connections; past it, every
+  connection stops reading.
 """
 
 from __future__ import annotations
