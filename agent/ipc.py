@@ -115,7 +115,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.uid: int | None = None
-        self._trusted = False  # root or the agent's own user: outside the shared reply budget
+        self.trusted = False  # root or the agent's own user: outside the shared reply budget
         self._counted = 0  # this connection's unread replies as last added to the server's sum
         self._gone = False
         self._origin = Origin("socket")
@@ -148,7 +148,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._origin = Origin("socket", uid=self.uid)
-        self._trusted = self.uid in self._server.privileged_uids
+        self.trusted = self.uid in self._server.privileged_uids
         # Replies the client has not read count from the first byte the kernel refused:
         # past the limit the transport pauses us (pause_writing) and we stop reading.
         limit = self._server.max_pending_reply_bytes
@@ -272,7 +272,7 @@ class _Connection(asyncio.BufferedProtocol):
             or self._queries >= MAX_QUERIES_IN_FLIGHT
             or self._server.pending_bytes > MAX_PENDING_BYTES
             or owed > self._server.max_pending_reply_bytes
-            or (owed > 0 and not self._trusted and self._server.over_budget(owed - self._counted))
+            or (owed > 0 and not self.trusted and self._server.over_budget(owed - self._counted))
         )
 
     def _client_blocks(self) -> bool:
@@ -281,14 +281,14 @@ class _Connection(asyncio.BufferedProtocol):
         spent and the transport holds anything at all (the kernel took less than was sent)."""
         if self._writing_paused:
             return True
-        if self._trusted or not self._server.limited:
+        if self.trusted or not self._server.limited:
             return False
         transport = self._transport
         return transport is not None and transport.get_write_buffer_size() > 0
 
     def _account(self) -> None:
         """Bring this connection's share of the server's unread reply bytes up to date."""
-        if self._trusted or self._gone:
+        if self.trusted or self._gone:
             return
         owed = self._owed()
         self._server.unread_bytes += owed - self._counted
@@ -303,7 +303,7 @@ class _Connection(asyncio.BufferedProtocol):
             if self._must_stop():
                 if self._server.pending_bytes > MAX_PENDING_BYTES:
                     self._server.waiting_for_budget.add(self)
-                if self._server.limited and not self._trusted:
+                if self._server.limited and not self.trusted:
                     self._server.held.add(self)
                 if not self._reading_paused:
                     transport.pause_reading()
@@ -404,7 +404,7 @@ class _Connection(asyncio.BufferedProtocol):
             if turn is not None and not turn.done():
                 if not self._client_blocks() or not self._server.accepting:
                     turn.set_result(None)
-                elif self._server.limited and not self._trusted:
+                elif self._server.limited and not self.trusted:
                     self._server.held.add(self)
         self._account()
 
@@ -482,6 +482,7 @@ class SocketServer:
         self._per_uid: collections.Counter[int | None] = collections.Counter()
         self.pending_bytes = 0  # bytes of batched requests the writer has not finished
         self.waiting_for_budget: set[_Connection] = set()
+        self._release_turn = 0
         #: Reads are small so that input held unparsed stays small (docs/security.md).
         self.read_chunk = min(READ_CHUNK, MAX_SOCKET_INPUT_BYTES // max_connections)
         self.read_buffer = memoryview(bytearray(self.read_chunk))
@@ -617,15 +618,20 @@ class SocketServer:
         self.pending_bytes += size
         if below and self.pending_bytes > MAX_PENDING_BYTES:
             for connection in list(self.connections):
-                connection.update_reading()
+                if not connection.trusted:  # root's CLI reads on: its line is a query
+                    connection.update_reading()
 
     def release(self, size: int) -> None:
         """The writer is done with batched requests; resume paused connections once half the
         budget is free."""
         self.pending_bytes -= size
         if self.waiting_for_budget and self.pending_bytes <= MAX_PENDING_BYTES // 2:
-            waiting, self.waiting_for_budget = self.waiting_for_budget, set()
-            for connection in waiting:
+            waiting = list(self.waiting_for_budget)
+            self.waiting_for_budget = set()
+            # The first ones may take the whole budget again: start somewhere else each time,
+            # so that every waiting connection gets its turn.
+            self._release_turn = (self._release_turn + 1) % len(waiting)
+            for connection in waiting[self._release_turn :] + waiting[: self._release_turn]:
                 connection.update_reading()
 
     def stop_accepting(self) -> None:
