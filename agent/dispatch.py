@@ -34,6 +34,7 @@ from agent.commands import (
     is_app_scoped,
     is_tracking,
     parse_json,
+    parse_valid_command,
     request_id_of,
     validate_command,
 )
@@ -201,9 +202,12 @@ class Dispatcher:
                     f"command is {len(data)} bytes; the limit is "
                     f"{self._config.limits.max_command_bytes} (limits.max_command_bytes)"
                 )
-            document = parse_json(data)
-            request_id = request_id_of(document)
-            command = validate_command(document)
+            command = parse_valid_command(data)
+            if command is None:  # refused: read it again step by step for the exact error
+                document = parse_json(data)
+                request_id = request_id_of(document)
+                command = validate_command(document)
+            request_id = command.request_id
             command_name = command.command
             app = self._app_for(command, origin)
             self._authorize(app, command, origin)
