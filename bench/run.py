@@ -195,7 +195,7 @@ def flash_rows(result: dict[str, Any]) -> list[Row]:
         rows.append(
             Row(
                 f"storage writes per event, durability {r['durability']}, "
-                f"{r['rate']:g} command/s one at a time"
+                f"{r['rate']:g} commands/s one at a time"
                 + (", each uploaded and deleted as it comes" if r.get("uploaded") else ""),
                 [r["bytes_per_event"]],
                 "B",

@@ -501,7 +501,7 @@ class Store:
                     failed.append((op, txn, outcome))
                 else:
                     done.append((op, txn, outcome[0]))
-            self._finish(conn, state, start)
+            self._finish(conn, state)
             conn.execute("COMMIT")
         except (sqlite3.Error, _BatchFailed) as exc:
             cause = exc.cause if isinstance(exc, _BatchFailed) else exc
@@ -580,7 +580,7 @@ class Store:
             state.staged_projects.update(txn.new_projects)
         return (value,)
 
-    def _finish(self, conn: sqlite3.Connection, state: WriterState, start: Counters) -> None:
+    def _finish(self, conn: sqlite3.Connection, state: WriterState) -> None:
         """Buffered rows, the queue head, and what must be stored with them: the id floors
         after deletes, and the history counters when they are due (`HISTORY_SAVE_PERIOD`).
         Queue totals are not stored (counted at open): a command dirties no counter page."""

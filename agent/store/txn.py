@@ -390,6 +390,7 @@ class Txn:
                 counters.held += 1
             else:
                 counters.add_sendable(project_id, 1, row_id)
+            # Held rows wake the uploader too: it probes the API's clock to release them.
             self.enqueued_projects.add(project_id)
         if counters.items == 0:
             state.head_dirty = True
@@ -658,6 +659,35 @@ class Txn:
                     self.enqueued_projects.add(project_id)
             changed += len(rows)
         return changed
+
+    def rewrite(self, items: Iterable[tuple[int, Mapping[str, Any], float]]) -> int:
+        """Replace queued items' payloads and accept times, given as (id, payload, created_at)
+        (a clock correction shifts both); returns how many were found. The byte counter
+        follows the new sizes exactly; a payload that grew by a few bytes is not a reason to
+        evict anything, so the queue may exceed `max_bytes` by that much until the next
+        command makes room."""
+        self._check()
+        counters = self._state.counters
+        encode = self._state.encode
+        found = 0
+        for item_id, payload, created_at in items:
+            data = encode(payload)
+            row = (
+                self._sql()
+                .execute("SELECT size FROM outbox WHERE id = ?", (int(item_id),))
+                .fetchone()
+            )
+            if row is None:
+                continue
+            self._sql().execute(
+                "UPDATE outbox SET payload = ?, size = ?, created_at = ? WHERE id = ?",
+                (data, len(data), float(created_at), int(item_id)),
+            )
+            counters.bytes += len(data) - int(row[0])
+            found += 1
+        if found:
+            self._state.head_dirty = True
+        return found
 
     # -- projects, state, meta -----------------------------------------------------------------
     def project_for(self, project: Project) -> ProjectRow:

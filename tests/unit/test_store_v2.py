@@ -156,9 +156,10 @@ def test_migration_from_v1_removes_every_credential_and_keeps_everything_else(
         switch = state.project_switch
         assert switch is not None and switch.project_token == "token-two"
         assert switch.mapping["payment"][0].project_token == "token-one"
-        assert "authorization_token" not in s.reader().execute(
-            "SELECT state FROM app_states"
-        ).fetchone()[0]
+        assert (
+            "authorization_token"
+            not in s.reader().execute("SELECT state FROM app_states").fetchone()[0]
+        )
         stats = s.stats()
         assert (stats.items, stats.dead_letters, stats.dropped, stats.rejected) == (32, 1, 7, 2)
         assert_counters_match_file(s)
@@ -392,3 +393,19 @@ def test_commands_and_drains_leave_meta_alone(store: Store) -> None:
         assert meta_rows(store) == after_first_drain
         store.submit(lambda t: t.ack([i.id for i in store.list_items()])).result()
         assert meta_rows(store) == after_first_drain
+
+
+def test_rewrite_keeps_the_byte_count_exact(store: Store) -> None:
+    track(store, item(0, size=200), item(1, size=300), held=True)
+    first, _ = store.held_items()
+    shifted = {"name": "customers/events", "data": {"timestamp": 1234567890.125, "n": 0}}
+    assert (
+        store.submit(lambda t: t.rewrite([(first.id, shifted, 500.0), (10**9, {}, 1.0)])).result()
+        == 1
+    )
+    rewritten = store.get_item(first.id)
+    assert rewritten is not None and json.loads(rewritten.payload) == shifted
+    assert rewritten.created_at == 500.0 and rewritten.held
+    assert store.stats().bytes == len(rewritten.payload) + 300
+    assert store.stats().oldest_age is not None and store.stats().oldest_age > 1000
+    assert_counters_match_file(store)
