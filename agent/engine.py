@@ -160,7 +160,9 @@ class Engine:
         else:
             boot_id, mono, held = self._boot_id, boot_monotonic(), False
         txn.enqueue(outcome.items, now, app=app, boot_id=boot_id, mono=mono, held=held)
-        if outcome.state != (state or AppState()):
+        # Identity first: most commands hand the state back unchanged, and comparing two
+        # pydantic models field by field costs more than the rest of this bookkeeping.
+        if outcome.state is not state and outcome.state != (state or AppState()):
             txn.save_app_state(app, outcome.state)
             self._pending[app] = outcome.state
             txn.after_commit(lambda: self._committed(app, outcome.state))
