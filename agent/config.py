@@ -357,6 +357,24 @@ class LimitsConfig(_Section):
     max_command_bytes: Annotated[int, Field(ge=1024)] = 65536
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics written for node_exporter's textfile collector (docs/operations.md)."""
+
+    #: Where to write them; None writes nothing. No listening port: node_exporter serves them.
+    textfile: Path | None = None
+    interval: Annotated[float, Field(ge=1.0, le=3600.0)] = 15.0
+
+    @field_validator("textfile")
+    @classmethod
+    def _prom_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            if not value.is_absolute():
+                raise ValueError("must be an absolute path")
+            if value.suffix != ".prom":
+                raise ValueError("must end in .prom (node_exporter reads only *.prom files)")
+        return value
+
+
 class ClockConfig(_Section):
     """Holding and correcting items stamped by a clock that is not synchronized
     (docs/tracking.md, "Timestamps on devices without a real-time clock")."""
@@ -383,6 +401,7 @@ class AgentConfig(_Section):
     mqtt: MqttConfig = MqttConfig()
     socket: SocketConfig = SocketConfig()
     limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     clock: ClockConfig = ClockConfig()
 
     @field_validator("device_uuid")

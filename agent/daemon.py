@@ -28,6 +28,7 @@ from agent.dispatch import Dispatcher
 from agent.engine import Engine, Runner
 from agent.ipc import SocketServer
 from agent.logs import set_level, setup_logging
+from agent.metrics import TextfileWriter
 from agent.notify import Notifier
 from agent.queries import QueryRunner
 from agent.status import ConfigState, build_status, status_line
@@ -47,14 +48,16 @@ DEVICE_UUID_META = "device_uuid"
 GC_GEN0_THRESHOLD = 20_000
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Keep the cyclic GC off the per-command path.
 
     Everything alive once the daemon is started (modules, pydantic schemas, config) is moved
     to the permanent generation, so full collections stop re-scanning it; and young
     collections run every GC_GEN0_THRESHOLD allocations instead of 700. Under pipelined
     ingest this was a third of the writer thread's CPU. Commands create almost no reference
-    cycles, so garbage is still freed at once by reference counting.
+    cycles, so garbage is still freed at once by reference counting. Public so that the
+    benchmarks that build the agent's parts in-process (bench/bench_mqtt.py) measure what
+    the daemon runs.
     """
     gc.collect()
     gc.freeze()
@@ -88,7 +91,6 @@ class Daemon:
         self.dispatcher: Dispatcher
         self.server: SocketServer
         self.mqtt: Any = None
-        self._mqtt_up = False  # as last seen: a change to up is a network hint for sync
         self._loop: asyncio.AbstractEventLoop
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -136,8 +138,10 @@ class Daemon:
         self.clock.start()
         self.runner.arm_pending_timers()
         self._start_mqtt()
+        metrics = TextfileWriter(self._loop, lambda: self.config.metrics, self.status)
+        metrics.start()
         self._install_signals()
-        _tune_gc()
+        tune_gc()
         self.notifier.ready()
         self._publish_status()
         log.info(
@@ -151,6 +155,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             watchdog.cancel()
+            metrics.stop()
             await self._shutdown()
         return 0
 
@@ -167,17 +172,16 @@ class Daemon:
             return
         from agent.mqtt.adapter import MqttAdapter
 
-        self.mqtt = MqttAdapter(self.config, self.dispatcher, self._loop, self._mqtt_status)
+        # A link that (re)connects is the hint that the network is back: sync probes an
+        # unreachable API at once instead of waiting for its probe schedule.
+        self.mqtt = MqttAdapter(
+            self.config,
+            self.dispatcher,
+            self._loop,
+            self.status,
+            on_connect=self.syncer.network_hint,
+        )
         self.mqtt.start()
-
-    def _mqtt_status(self) -> dict[str, Any]:
-        """Status for the MQTT adapter, which asks for it on every (re)connect (the retained
-        status is published then). A link that came up since the watchdog last saw it down is
-        the hint that the network is back: sync probes an unreachable API at once."""
-        if not self._mqtt_up:
-            self._mqtt_up = True
-            self.syncer.network_hint()
-        return self.status()
 
     def _install_signals(self) -> None:
         self._loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -271,7 +275,6 @@ class Daemon:
                 self.notifier.watchdog()
             else:
                 log.error("the database writer makes no progress; not petting the watchdog")
-            self._mqtt_up = self._mqtt_up and self.mqtt is not None and self.mqtt.connected
             line = status_line(self.status())
             if line != shown:
                 self.notifier.status(line)

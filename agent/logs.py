@@ -153,6 +153,19 @@ def escape(text: object, limit: int = MAX_LOGGED_CHARS) -> str:
     return value.translate(_ESCAPES)
 
 
+class EscapeMessages(logging.Filter):
+    """For a library's logger that passes client text along as it came (paho logs every topic
+    as received): its whole message is escaped, as `escape()` does for our own lines."""
+
+    #: Longer than `MAX_LOGGED_CHARS`: the message is a whole line, not one client value.
+    LIMIT = 1000
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = escape(record.getMessage(), self.LIMIT)
+        record.args = None
+        return True
+
+
 # -- rate limiting ---------------------------------------------------------------------------
 
 

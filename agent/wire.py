@@ -18,6 +18,8 @@ from datetime import timezone
 from typing import Any
 from urllib.parse import quote
 
+from agent.logs import escape
+
 #: The API refuses larger batches (docs/sync.md).
 MAX_BATCH_COMMANDS = 50
 #: `Retry-After` is honoured even above `sync.max_backoff`, but never longer than this
@@ -177,7 +179,9 @@ def parse_time(body: bytes) -> float | None:
 
 
 def _error_text(value: Any) -> str:
-    """Flatten the API's `errors` (strings or objects) into one bounded line."""
+    """Flatten the API's `errors` (strings or objects) into one bounded line. Control
+    characters are escaped: the API may echo what a client sent (an event name), and this text
+    goes into log lines and dead letters."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -188,7 +192,7 @@ def _error_text(value: Any) -> str:
         )
     else:
         text = json.dumps(value, sort_keys=True)
-    return text[:MAX_ERROR_TEXT]
+    return escape(text[:MAX_ERROR_TEXT], MAX_ERROR_TEXT)
 
 
 def _body_message(body: bytes) -> str:
@@ -196,7 +200,7 @@ def _body_message(body: bytes) -> str:
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return body[:200].decode("utf-8", "replace").strip()
+        return escape(body[:200].decode("utf-8", "replace").strip())
     if isinstance(parsed, Mapping):
         for key in ("error", "message", "errors"):
             if parsed.get(key):

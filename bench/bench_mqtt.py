@@ -4,10 +4,11 @@
 What it measures: commands/s from the first PUBLISH to the last command committed, through the
 agent's real path in this process — paho's network thread, the inbox and one hop to asyncio
 per burst, `agent.dispatch` (JSON + pydantic validation, authorization), the engine and the
-SQLite store with `durability = "full"` (fsync before the ack), then the manual PUBACK — and
-the agent's CPU time per command (this process's user + system time). The baseline row is the
-C client `mosquitto_sub -q 1` draining the same stream from the same private broker in the
-same run, i.e. what the broker and the publisher can do at all on this machine.
+SQLite store with `durability = "full"` (fsync before the ack), then the manual PUBACK, with
+the daemon's GC settings (`agent.daemon.tune_gc`) — and the agent's CPU time per command
+(this process's user + system time). The baseline row is the C client `mosquitto_sub -q 1`
+draining the same stream from the same private broker in the same run, i.e. what the broker
+and the publisher can do at all on this machine.
 
     python3 bench/bench_mqtt.py                 # 50,000 commands, 3 rounds each, medians
     python3 bench/bench_mqtt.py --count 20000 --rounds 1
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.config import AgentConfig, MqttConfig, ProjectConfig, QueueConfig  # noqa: E402
+from agent.daemon import tune_gc  # noqa: E402
 from agent.device import read_device_info  # noqa: E402
 from agent.dispatch import Accepted, Dispatcher  # noqa: E402
 from agent.engine import Engine, Runner  # noqa: E402
@@ -199,6 +201,7 @@ async def adapter_round(
     engine.load()
     dispatcher = Dispatcher(config, Runner(engine, loop), NoQueries())
     adapter = adapter_class(config, dispatcher, loop, lambda: {"online": True})
+    tune_gc()  # as the daemon does once it is started
     adapter.start()
 
     def committed() -> int:

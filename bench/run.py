@@ -1,10 +1,10 @@
 """Every benchmark, one table: runs each one, takes medians, writes docs/benchmarks.md.
 
-    python3 bench/run.py              # everything, ~13 minutes on 2 cores
-    python3 bench/run.py --quick      # 1 run each, small sizes: a smoke check (~3 minutes)
+    python3 bench/run.py              # everything, ~21 minutes on 2 cores (fleet: ~8)
+    python3 bench/run.py --quick      # 1 run each, small sizes: a smoke check (~6 minutes)
     python3 bench/run.py --million    # plus the 1,000,000-item backlog runs (~+5 minutes)
     python3 bench/run.py --no-write   # print only, leave docs/benchmarks.md alone
-    python3 bench/run.py --only flash # one benchmark (names: queue sync mqtt socket daemon flash)
+    python3 bench/run.py --only flash # one of: queue sync mqtt socket daemon hostile flash fleet
 
 Each benchmark runs as its own process (a crash or hang of one is reported as a failed row
 and the rest still run), writes its results as JSON, and its own table goes to the terminal
@@ -256,6 +256,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
     sync_args = ["--items", "20000", "--runs", "1"] if quick else []
     mqtt_args = ["--count", "10000", "--rounds", "1"] if quick else []
     socket_args = ["--quick"] if quick else []
+    fleet_args = ["--agents", "10", "--steady", "30", "--outage", "30"] if quick else []
     daemon_args = ["--quick"] if quick else []
     flash_args = ["--quick"] if quick else []
     if million:
@@ -272,6 +273,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
         Bench("daemon", "bench_daemon.py", daemon_args, json_rows),
         Bench("hostile", "bench_hostile.py", ["--quick"] if quick else [], json_rows),
         Bench("flash", "bench_flash.py", flash_args, flash_rows),
+        Bench("fleet", "bench_fleet.py", fleet_args, json_rows),
     ]
     return result
 

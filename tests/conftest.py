@@ -4,6 +4,9 @@ pytest_plugins = [
     "tests.fixtures.daemon",
     "tests.fixtures.api",
     "tests.fixtures.mosquitto",
+    "tests.fixtures.relay",
+    "tests.fixtures.rabbitmq",
+    "tests.fixtures.storage",
     "tests.fixtures.tinyproxy",
     "tests.fixtures.sync",
 ]

@@ -1,4 +1,4 @@
-"""`engagement-agent`: the daemon's command line (SPEC §9, §11).
+"""`engagement-agent`: the daemon's command line (docs/cli.md).
 
 `main` is the console script. Verbs other than `run` talk to the agent over its socket, and
 import neither the daemon nor the MQTT/HTTP stacks, so they start quickly.

@@ -7,11 +7,13 @@ read) the agent's config, and pydantic is only imported when a config is actuall
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from agent.client import Client, Reply, default_socket_path
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -23,16 +25,6 @@ EX_REJECTED = 1
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78  # == agent.config.EX_CONFIG, not imported so that --socket needs no pydantic
-
-#: Replies normally come within milliseconds; this only bounds a hung agent.
-DEFAULT_TIMEOUT = 30.0
-#: `flush --wait` uploads the whole backlog before answering.
-FLUSH_WAIT_TIMEOUT = 600.0
-
-#: Where the packaged agent listens (SocketConfig's default), used when the system config exists
-#: but the caller may not read it (it holds secrets; app users only share the socket's group).
-PACKAGED_SOCKET_PATH = Path("/run/engagement-agent/agent.sock")
-SOCKET_PATH_ENV = "ENGAGEMENT_AGENT_SOCKET__PATH"
 
 
 class CliError(Exception):
@@ -87,20 +79,44 @@ class Options:
             raise config_error(exc, str(path) if path else "built-in defaults") from None
 
     def socket_path(self) -> Path:
+        """`--socket`, else found as `agent.client.Client` finds it (without reading the
+        config when the system one exists but this user may not read it)."""
         if self.socket is not None:
             return self.socket
-        if self.config is None:
-            from agent.config import DEFAULT_CONFIG_PATH
+        from agent.config import ConfigError
 
-            unreadable = DEFAULT_CONFIG_PATH.exists() and not os.access(
-                DEFAULT_CONFIG_PATH, os.R_OK
-            )
-            if unreadable:
-                return Path(os.environ.get(SOCKET_PATH_ENV) or PACKAGED_SOCKET_PATH)
-        return self.load_config().socket.path
+        try:
+            return default_socket_path(self.config)
+        except ConfigError as exc:
+            source = self.config_path()
+            raise config_error(exc, str(source) if source else "built-in defaults") from None
 
-    def timeout_for(self, default: float) -> float:
-        return self.timeout if self.timeout is not None else default
+    def client(self, default_timeout: float) -> Client:
+        """A client for the agent; `--timeout` wins over the verb's own default."""
+        timeout = self.timeout if self.timeout is not None else default_timeout
+        return Client(self.socket_path(), timeout=timeout)
+
+
+def exit_code(reply: Reply) -> int:
+    """0, or 1 for a rejection — except `unavailable` (shutting down, disk full), which is
+    69 like an agent that is not there: a script should retry it later, not drop it."""
+    if reply.ok:
+        return EX_OK
+    return EX_UNAVAILABLE if reply.error.get("code") == "unavailable" else EX_REJECTED
+
+
+def error_line(error: Mapping[str, Any]) -> str:
+    code = error.get("code", "error")
+    message = error.get("message", "")
+    return f"rejected ({code}): {message}" if message else f"rejected ({code})"
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0 (its ValueError becomes a usage error, exit 64)."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
 
 
 def write_line(text: str) -> None:

@@ -15,21 +15,25 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent import __version__
-from agent.cli.client import Connection, send_stream
 from agent.cli.context import (
-    DEFAULT_TIMEOUT,
     EX_CONFIG,
     EX_OK,
     EX_REJECTED,
+    EX_UNAVAILABLE,
     EX_USAGE,
     PROG,
     CliError,
     Options,
+    error_line,
+    exit_code,
+    positive_float,
     write_json,
     write_line,
 )
+from agent.cli.fleet import add_fleet
 from agent.cli.queue import queue_verbs, run_queue_verb
 from agent.cli.verbs import add_verbs, command_verbs
+from agent.client import DEFAULT_TIMEOUT, AgentUnavailable, Client, stream_requests
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -41,6 +45,7 @@ examples:
   {PROG} track purchase_started -p item=handbag -p price=12.5 --app kiosk-ui
   {PROG} send < commands.ndjson
   {PROG} queue list
+  {PROG} fleet --host broker.example.com
 
 Global options (--socket, --config, --json, --timeout) work before or after the verb.
 exit codes: 0 ok, 1 command rejected, 64 usage, 69 agent not reachable, 78 bad config
@@ -48,17 +53,10 @@ exit codes: 0 ok, 1 command rejected, 64 usage, 69 agent not reachable, 78 bad c
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors exit 64 (EX_USAGE, as the SPEC says) in one line, not 2 with a usage dump."""
+    """Usage errors exit 64 (EX_USAGE, docs/cli.md) in one line, not 2 with a usage dump."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EX_USAGE, f"{self.prog}: {message} (see: {self.prog} --help)\n")
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
 
 
 def _global_options(*, socket: bool, json: bool = True) -> _Parser:
@@ -84,12 +82,12 @@ def _global_options(*, socket: bool, json: bool = True) -> _Parser:
             "--json",
             action="store_true",
             default=argparse.SUPPRESS,
-            help="print the agent's reply as JSON instead of text",
+            help="print the result as JSON instead of text (a refusal: the reply on stderr)",
         )
     if socket:
         group.add_argument(
             "--timeout",
-            type=_positive_float,
+            type=positive_float,
             default=argparse.SUPPRESS,
             metavar="SECONDS",
             help=f"how long to wait for the agent (default {DEFAULT_TIMEOUT:g}; flush --wait 600)",
@@ -132,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_config)
 
     add_verbs(verbs, command_verbs(), common, _FORMATTER)
+    add_fleet(verbs, config_only, _FORMATTER)
+
+    metrics = verbs.add_parser(
+        "metrics",
+        parents=[_global_options(socket=True, json=False)],
+        formatter_class=_FORMATTER,
+        help="print the agent's status as Prometheus metrics",
+        description="Ask the agent for its status and print it in the Prometheus text format "
+        "(the same as metrics.textfile writes for node_exporter).",
+        epilog=f"examples:\n  {PROG} metrics\n  {PROG} metrics | grep engagement_agent_queue_items",
+    )
+    metrics.set_defaults(handler=_metrics)
 
     reload = verbs.add_parser(
         "reload",
@@ -218,8 +228,8 @@ def _reload(ns: argparse.Namespace) -> int:
 
     options = Options.from_namespace(ns)
     options.load_config()  # a bad file: exit 78 before the agent is disturbed
-    timeout = options.timeout_for(60.0)
-    with Connection(options.socket_path(), DEFAULT_TIMEOUT) as conn:
+    timeout = options.timeout if options.timeout is not None else 60.0
+    with Client(options.socket_path(), timeout=DEFAULT_TIMEOUT) as conn:
         before = _config_state(conn)
         pid = ns.pid if ns.pid is not None else conn.peer_pid()
         try:
@@ -237,20 +247,43 @@ def _reload(ns: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _config_state(conn: Connection) -> dict[str, Any]:
+def _config_state(conn: Client) -> dict[str, Any]:
     reply = conn.request({"command": "status"})
     if not reply.ok:
-        raise CliError(reply.error_line(), reply.exit_code())
+        raise CliError(error_line(reply.error), exit_code(reply))
     state: dict[str, Any] = dict(reply.result.get("config") or {})
     if "generation" not in state:
         raise CliError("the agent is too old to report reloads; use systemctl restart", 69)
     return state
 
 
-def _send(ns: argparse.Namespace) -> int:
+def _metrics(ns: argparse.Namespace) -> int:
+    from agent.metrics import render
+
     options = Options.from_namespace(ns)
-    with Connection(options.socket_path(), options.timeout_for(DEFAULT_TIMEOUT)) as conn:
-        replies, rejected = send_stream(conn, sys.stdin.buffer, sys.stdout.buffer)
+    with options.client(DEFAULT_TIMEOUT) as client:
+        reply = client.request({"command": "status"})
+    if not reply.ok:
+        raise CliError(error_line(reply.error), exit_code(reply))
+    sys.stdout.buffer.write(render(reply.result))
+    return EX_OK
+
+
+def _send(ns: argparse.Namespace) -> int:
+    """Every reply line as the agent wrote it; output is flushed whenever the replies have
+    caught up with the input, so an interactive session sees each answer at once while a bulk
+    load is not slowed down by a flush per line."""
+    options = Options.from_namespace(ns)
+    sink = sys.stdout.buffer
+    replies = rejected = 0
+    with options.client(DEFAULT_TIMEOUT) as client:
+        for reply, caught_up in client.exchange(stream_requests(sys.stdin.buffer)):
+            replies += 1
+            rejected += not reply.ok
+            sink.write(reply.raw.encode() + b"\n")
+            if caught_up:
+                sink.flush()
+    sink.flush()
     if rejected:
         raise CliError(f"{rejected} of {replies} commands were rejected", EX_REJECTED)
     return EX_OK
@@ -258,9 +291,9 @@ def _send(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `engagement-agent` console script; returns the exit code instead of exiting."""
-    parser = build_parser()
     try:
-        ns = parser.parse_args(argv)
+        # Not kept in a variable: `run` lives in this frame for months, the parser need not.
+        ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else EX_USAGE
     try:
@@ -270,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(exc.message.split("\n"))
         sys.stderr.write(f"{PROG}: {message}\n")
         return exc.exit_code
+    except AgentUnavailable as exc:
+        hint = " (raise it with --timeout)" if exc.timed_out else ""
+        sys.stderr.write(f"{PROG}: {exc.message}{hint}\n")
+        return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `... | head`: the reader went away; say nothing more

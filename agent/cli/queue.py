@@ -14,9 +14,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from agent.cli.client import AgentUnreachable, Connection, Reply
 from agent.cli.context import (
-    DEFAULT_TIMEOUT,
     EX_REJECTED,
     EX_UNAVAILABLE,
     EX_USAGE,
@@ -26,6 +24,7 @@ from agent.cli.context import (
     write_line,
 )
 from agent.cli.verbs import Arg, Verb, build_command, show_reply
+from agent.client import DEFAULT_TIMEOUT, AgentUnavailable, Reply
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -102,13 +101,19 @@ def queue_verbs() -> tuple[Verb, ...]:
         Verb(
             "purge",
             "queue_purge",
-            "delete every queued item (or, with --dead, every dead letter) for good",
-            f"  {p} purge            # asks first\n  {p} purge --dead --yes",
+            "delete every queued item (or one project's, or every dead letter) for good",
+            f"  {p} purge            # asks first\n  {p} purge --dead --yes\n"
+            f"  {p} purge --project 0b7e5a9c-1d2f-11ee-8c3a-0242ac120002",
             (
                 Arg(
                     ("--dead",),
                     "dead",
                     {"action": "store_true", "help": "purge the dead letters instead"},
+                ),
+                Arg(
+                    ("--project",),
+                    "project_token",
+                    {"metavar": "TOKEN", "help": "only the queued items of this project token"},
                 ),
                 Arg(
                     ("--yes",),
@@ -124,10 +129,19 @@ def queue_verbs() -> tuple[Verb, ...]:
     )
 
 
-def _confirm(command: Mapping[str, Any]) -> None:
-    what = (
-        "every dead letter" if command.get("dead") else "every queued item (it will never be sent)"
-    )
+def _confirm(command: Mapping[str, Any], *, ask: bool) -> None:
+    """Refuses --dead with --project (a usage error, before anything is sent); asks unless
+    --yes, and without a terminal to ask on insists on --yes."""
+    if command.get("dead") and command.get("project_token"):
+        raise CliError("queue purge takes --dead or --project, not both", EX_USAGE)
+    if command.get("dead"):
+        what = "every dead letter"
+    elif command.get("project_token"):
+        what = f"every queued item of project {command['project_token']} (they will never be sent)"
+    else:
+        what = "every queued item (it will never be sent)"
+    if not ask:
+        return
     if not sys.stdin.isatty():
         raise CliError(
             f"queue purge deletes {what}; stdin is not a terminal, so pass --yes to confirm",
@@ -142,12 +156,12 @@ def _confirm(command: Mapping[str, Any]) -> None:
 def run_queue_verb(verb: Verb, ns: argparse.Namespace) -> int:
     options = Options.from_namespace(ns)
     command = build_command(verb, ns)
-    if command["command"] == "queue_purge" and not ns.v_yes:
-        _confirm(command)
+    if command["command"] == "queue_purge":
+        _confirm(command, ask=not ns.v_yes)
     try:
-        with Connection(options.socket_path(), options.timeout_for(DEFAULT_TIMEOUT)) as conn:
-            reply = conn.request(command)
-    except AgentUnreachable as exc:
+        with options.client(DEFAULT_TIMEOUT) as client:
+            reply = client.request(command)
+    except AgentUnavailable as exc:
         if not exc.offline:
             raise
         reply = run_offline(command, options.load_config(), exc)
@@ -169,7 +183,7 @@ def _hint_next_page(command: Mapping[str, Any], reply: Reply, options: Options) 
 
 
 def run_offline(
-    command: Mapping[str, Any], config: AgentConfig, unreachable: AgentUnreachable
+    command: Mapping[str, Any], config: AgentConfig, unreachable: AgentUnavailable
 ) -> Reply:
     """Run an admin command on the database file; the answer is shaped like the agent's."""
     from agent.commands import validate_command

@@ -100,7 +100,18 @@ def status(result: Result, now: float | None = None) -> str:
     if mqtt.get("enabled") is False:
         lines.append("mqtt:     disabled")
     else:
-        lines.append("mqtt:     " + ("connected" if mqtt.get("connected") else "not connected"))
+        protocol = f" (MQTT {mqtt['protocol']})" if mqtt.get("protocol") else ""
+        state = "connected" + protocol if mqtt.get("connected") else "not connected"
+        lines.append("mqtt:     " + state)
+
+    clock = result.get("clock")
+    if isinstance(clock, Mapping) and "synchronized" in clock:
+        text = "synchronized" if clock["synchronized"] else "NOT synchronized"
+        if clock.get("source"):
+            text += f", source {clock['source']}"
+        if clock.get("held"):
+            text += f", {_count(clock['held'])} items held until the time is known"
+        lines.append("clock:    " + text)
 
     projects = (result.get("sync") or {}).get("projects") or []
     lines.append("projects:" + ("" if projects else " none yet"))
@@ -121,7 +132,7 @@ def status(result: Result, now: float | None = None) -> str:
     for name, app in apps.items():
         tracked = app.get("push_token_tracked_at")
         lines.append(
-            f"  {name}: session {app.get('session', '?')}, cookie {app.get('cookie') or '-'}, "
+            f"  {name}: session {app.get('session', '?')}, "
             + ("push token tracked " + ago(tracked, now) if tracked else "no push token")
         )
 
@@ -161,7 +172,8 @@ def _scalar(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart; an empty last header makes a free-text column."""
     widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -169,17 +181,29 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def _text(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _age(created_at: Any, now: float) -> str:
+    return duration(max(0.0, now - created_at)) if isinstance(created_at, (int, float)) else "-"
+
+
 def _item_rows(items: Sequence[Mapping[str, Any]], now: float, dead: bool) -> list[list[str]]:
     rows = []
     for item in items:
         row = [
-            str(item.get("id", "?")),
-            str(item.get("project_id", "?")),
-            ago(item.get("created_at"), now),
-            size(item.get("bytes")),
+            _text(item.get("id")),
+            _text(item.get("project_token")),
+            _text(item.get("app")),
+            _text(item.get("kind")),
+            _age(item.get("created_at"), now),
+            size(item.get("size")),
         ]
         if dead:
-            row += [ago(item.get("failed_at"), now), str(item.get("reason", ""))]
+            row += [ago(item.get("failed_at"), now), _text(item.get("reason"))]
+        elif item.get("held"):
+            row.append("held: waiting for the true time")
         rows.append(row)
     return rows
 
@@ -189,20 +213,29 @@ def _listing(key: str, noun: str, dead: bool) -> Callable[[Result], str]:
         items = result.get(key) or []
         if not items:
             return f"no {noun}"
-        headers = ["ID", "PROJECT", "QUEUED", "SIZE"] + (["FAILED", "REASON"] if dead else [])
-        return _table(headers, _item_rows(items, time.time(), dead))
+        headers = ["ID", "PROJECT", "APP", "KIND", "AGE", "SIZE"]
+        headers += ["FAILED", "REASON"] if dead else [""]
+        rows = _item_rows(items, time.time(), dead)
+        width = len(headers)
+        return table(headers, [row + [""] * (width - len(row)) for row in rows])
 
     return render
 
 
 def queue_show(result: Result) -> str:
+    """The item's facts, then its wire payload: the command as it goes to the API's batch."""
     now = time.time()
+    created = result.get("created_at")
     lines = [
-        f"id:       {result.get('id', '?')}",
-        f"project:  {result.get('project_id', '?')}",
-        f"queued:   {local_time(result.get('created_at'))} ({ago(result.get('created_at'), now)})",
-        f"size:     {size(result.get('bytes'))}",
+        f"id:       {_text(result.get('id'))}",
+        f"project:  {_text(result.get('project_token'))} @ {_text(result.get('base_url'))}",
+        f"app:      {_text(result.get('app'))}",
+        f"kind:     {_text(result.get('kind'))}",
+        f"queued:   {local_time(created)} ({_age(created, now)} ago)",
+        f"size:     {size(result.get('size'))}",
     ]
+    if result.get("held"):
+        lines.append("held:     waiting for the true time before it is sent")
     payload = result.get("payload")
     if isinstance(payload, str):
         with contextlib.suppress(ValueError):  # not JSON: shown as the text it is

@@ -9,22 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from agent.cli.client import Connection, Reply
 from agent.cli.context import (
-    DEFAULT_TIMEOUT,
     EX_OK,
-    FLUSH_WAIT_TIMEOUT,
     PROG,
     CliError,
     Options,
+    error_line,
+    exit_code,
+    write_json,
     write_line,
 )
 from agent.cli.render import render
+from agent.client import DEFAULT_TIMEOUT, FLUSH_WAIT_TIMEOUT, Reply
 
 # -- argument types (argparse turns their ValueError/ArgumentTypeError into exit 64) -----------
 
@@ -37,7 +39,7 @@ def _strict_json(text: str) -> Any:
 
 
 def property_pair(text: str) -> tuple[str, Any]:
-    """`key=value`; the value is JSON when it parses as JSON, else the literal string (SPEC §11).
+    """`key=value`; the value is JSON when it parses as JSON, else the literal string (docs/cli.md).
 
     So `-p n=5` is a number, `-p ok=true` a bool, `-p code=007` the string "007" (not JSON),
     and `-p 'n="5"'` the string "5".
@@ -70,6 +72,16 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object ({...})")
     return value
+
+
+def project_choice(text: str) -> str | dict[str, Any]:
+    """`--project NAME` (a project the agent's config names), or a JSON object selecting one
+    by `project_token` and `base_url`."""
+    if text.lstrip().startswith("{"):
+        return json_object(text)
+    if not text:
+        raise argparse.ArgumentTypeError("expected a project name or a JSON object")
+    return text
 
 
 def timestamp(text: str) -> float:
@@ -188,18 +200,27 @@ def command_verbs() -> tuple[Verb, ...]:
             "anonymize",
             "forget the customer and start a new anonymous one",
             f"  {p} anonymize --app kiosk-ui\n"
-            f'  {p} anonymize --project \'{{"project_token": "t", '
-            '"authorization_token": "a"}\'',
+            f"  {p} anonymize --project eu-shop --app kiosk-ui\n"
+            f'  {p} anonymize --project eu-shop --mapping \'{{"payment": ["payments"]}}\'',
             (
                 Arg(
                     ("--project",),
                     "project",
-                    {"type": json_object, "metavar": "JSON", "help": "switch to this project"},
+                    {
+                        "type": project_choice,
+                        "metavar": "NAME|JSON",
+                        "help": "switch to this project of the config (its name, or a JSON object "
+                        "with project_token and base_url)",
+                    },
                 ),
                 Arg(
                     ("--mapping",),
                     "mapping",
-                    {"type": json_object, "metavar": "JSON", "help": "and this event-type mapping"},
+                    {
+                        "type": json_object,
+                        "metavar": "JSON",
+                        "help": "and this event-type mapping (to project names of the config)",
+                    },
                 ),
             ),
         ),
@@ -323,22 +344,26 @@ def build_command(verb: Verb, ns: argparse.Namespace) -> dict[str, Any]:
 def run_verb(verb: Verb, ns: argparse.Namespace) -> int:
     options = Options.from_namespace(ns)
     command = build_command(verb, ns)
-    with Connection(options.socket_path(), options.timeout_for(verb.timeout(ns))) as conn:
-        reply = conn.request(command)
+    with options.client(verb.timeout(ns)) as client:
+        reply = client.request(command)
     return show_reply(command, reply, options.json)
 
 
 def show_reply(command: Mapping[str, Any], reply: Reply, as_json: bool) -> int:
     """Print a reply the way every single-command verb does; returns the exit code.
 
-    With `--json` a rejection is only in the printed reply (stdout): the caller asked for
-    machine-readable output and gets the error code and details there.
+    With `--json` stdout carries only the `result` (so `status --json | jq .queue.items`
+    works) and a rejection leaves stdout empty: the whole reply, with the error code and
+    details, goes to stderr, so a pipeline never mistakes an error for data.
     """
     if as_json:
-        write_line(reply.raw)
-        return reply.exit_code()
+        if reply.ok:
+            write_json(reply.data.get("result", {}))
+        else:
+            sys.stderr.write(reply.raw + "\n")
+        return exit_code(reply)
     if not reply.ok:
-        raise CliError(reply.error_line(), reply.exit_code())
+        raise CliError(error_line(reply.error), exit_code(reply))
     write_line(render(command, reply.result))
     return EX_OK
 

@@ -48,6 +48,9 @@ paho_log = logging.getLogger("engagement_agent.mqtt.paho")
 
 #: Replies to these go to the reply topic even without a request_id (docs/mqtt.md).
 QUERY_COMMANDS = frozenset({"status", "flush", "get_customer"})
+#: Valid app names whose `Origin` is kept: the app name check and the `Origin` are then
+#: done once per app instead of once per message. Bounded, since topics are client input.
+MAX_CACHED_ORIGINS = 256
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is slow, and this is per message
@@ -76,7 +79,10 @@ class _StatusTimers:
 class MqttAdapter:
     """The MQTT side of the daemon. Construct on any thread; call everything else on `loop`.
 
-    `status_changed()` alone may be called from any thread. The keyword-only timings exist for
+    `status_changed()` alone may be called from any thread. `on_connect()` is called on the
+    loop after every connection the broker accepted, the first and each reconnect, however
+    short the outage was: a link that comes back is the daemon's sign that the network is
+    back (sync then probes an unreachable API at once). The keyword-only timings exist for
     tests and benchmarks; the defaults are the documented ones (reconnect 1 s doubling to
     120 s with full jitter, unavailable-retry 1 s doubling to 30 s, status at most every 10 s
     and at least every 5 minutes).
@@ -89,6 +95,7 @@ class MqttAdapter:
         loop: asyncio.AbstractEventLoop,
         status: Callable[[], Mapping[str, Any]],
         *,
+        on_connect: Callable[[], None] | None = None,
         reconnect_base: float = 1.0,
         reconnect_cap: float = 120.0,
         retry_base: float = 1.0,
@@ -103,6 +110,7 @@ class MqttAdapter:
         self._dispatcher = dispatcher
         self._loop = loop
         self._status = status
+        self._on_connect = on_connect
         self._retry_base = retry_base
         self._retry_cap = retry_cap
         self._drain_timeout = drain_timeout
@@ -123,6 +131,7 @@ class MqttAdapter:
         self._work: set[asyncio.Future[Any]] = set()
         self._retrying: set[asyncio.Task[None]] = set()
         self._inbox: Inbox[_Inbound] = Inbox()
+        self._origins: dict[str, Origin] = {}  # loop thread only
         self._status_policy = StatusPolicy(status_min_interval, status_max_interval)
         self._status_timers = _StatusTimers()
         self._status_hint_pending = False
@@ -216,8 +225,11 @@ class MqttAdapter:
             )
             return
         props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        response_topic = None
+        correlation = None
+        if props is not None:
+            response_topic = self._response_topic(link, app, getattr(props, "ResponseTopic", None))
+            correlation = getattr(props, "CorrelationData", None)
         payload = bytes(message.payload)
         inbound = _Inbound(
             link,
@@ -227,8 +239,8 @@ class MqttAdapter:
             app,
             payload,
             bool(message.retain),
-            response_topic if isinstance(response_topic, str) and response_topic else None,
-            bytes(correlation) if correlation is not None else None,
+            response_topic,
+            bytes(correlation) if correlation is not None and response_topic else None,
         )
         max_count, max_bytes = self._pending_limits
         admission = self._inbox.put(inbound, len(payload), message.qos, max_count, max_bytes)
@@ -251,6 +263,28 @@ class MqttAdapter:
                 self._loop.call_soon_threadsafe(self._drain_inbox)
             except RuntimeError:
                 self._inbox.wake_failed()
+
+    def _response_topic(self, link: Link, app: str, requested: object) -> str | None:
+        """The MQTT 5 response topic to honour, or None (replies go to the usual topics).
+
+        Only the commanding app's own `response/` subtree is honoured: anything else could
+        be another app's reply or response topic, which the agent's account may write and
+        the broker therefore cannot protect (docs/security.md). The refusal is said in the
+        journal, at most once a minute.
+        """
+        if not isinstance(requested, str) or not requested:
+            return None
+        if link.topics.honours_response_topic(app, requested):
+            return requested
+        self._log.warning(
+            "foreign-response-topic",
+            "MQTT: ignored the response topic %s of a command for app %s: only topics under "
+            "%s are honoured; the reply goes to the app's usual topics",
+            escape(requested),
+            escape(app),
+            escape(link.topics.response_prefix(app)),
+        )
+        return None
 
     def _ack_raw(self, link: Link, conn_id: int, message: paho.MQTTMessage) -> None:
         if link.client is not None and link.connected and conn_id == link.conn_id:
@@ -290,7 +324,12 @@ class MqttAdapter:
 
     def _prepare(self, inbound: _Inbound) -> Reply | Accepted:
         """The topic's checks, then the dispatcher's."""
-        if not is_valid_app_name(inbound.app):
+        origin = self._origins.get(inbound.app)
+        if origin is None and is_valid_app_name(inbound.app):
+            origin = inbound.origin
+            if len(self._origins) < MAX_CACHED_ORIGINS:
+                self._origins[inbound.app] = origin
+        if origin is None:
             return self._refuse(
                 inbound,
                 InvalidCommand(
@@ -310,7 +349,7 @@ class MqttAdapter:
                     [{"field": "(command)", "reason": "retained"}],
                 ),
             )
-        return self._dispatcher.prepare(inbound.payload, inbound.origin)
+        return self._dispatcher.prepare(inbound.payload, origin)
 
     def _refuse(self, inbound: _Inbound, error: AgentError) -> Reply:
         request_id = None
@@ -517,6 +556,11 @@ class MqttAdapter:
         link.down_reported = False
         link.ever_connected = True
         self._publish_status(force=True)
+        if self._on_connect is not None:
+            try:
+                self._on_connect()
+            except Exception:
+                log.exception("MQTT: the on-connect callback failed")
 
     def _on_status_hint(self) -> None:
         self._status_hint_pending = False
@@ -565,4 +609,4 @@ class MqttAdapter:
         timers.deferred = timers.heartbeat = None
 
 
-__all__ = ["MAX_PENDING_BYTES", "QUERY_COMMANDS", "MqttAdapter"]
+__all__ = ["MAX_CACHED_ORIGINS", "MAX_PENDING_BYTES", "QUERY_COMMANDS", "MqttAdapter"]

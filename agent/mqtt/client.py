@@ -23,6 +23,30 @@ _PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id: 
 READ_CHUNK = 65536
 
 
+#: The `info` of every `_Received` message: never waited on (see there).
+_NO_INFO = paho.MQTTMessageInfo(0)
+
+
+class _Received(paho.MQTTMessage):
+    """A received QoS 0/1 message, built without paho's per-message `MQTTMessageInfo` (a
+    `Condition` and an `RLock` each, ~2 µs): `info` tracks the sending of an outgoing
+    message; nothing reads it for a received QoS 0/1 one (paho keeps only QoS 2 messages)."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int, topic: bytes, payload: bytes, header: int) -> None:
+        self.timestamp = time.monotonic()  # paho's clock for it
+        self.state = paho.mqtt_ms_invalid
+        self.mid = mid
+        self._topic = topic
+        self.payload = payload
+        self.qos = (header & 0x06) >> 1
+        self.dup = bool(header & 0x08)
+        self.retain = bool(header & 0x01)
+        self.info = _NO_INFO
+        self.properties = None
+
+
 class PahoClient(paho.Client):
     """paho's client with its `loop_start()` thread body replaced, for two reasons.
 
@@ -37,10 +61,11 @@ class PahoClient(paho.Client):
     reason: it is the single place from which reconnects are driven. `_thread_main` is private
     paho API; paho is pinned to 2.x in pyproject.toml.
 
-    Per message, paho's parser costs more than the agent's own checks; three things trim it
-    (together ~20 → ~5 µs per command on the network thread): reads are buffered (paho does
-    three `recv()` calls per packet), an MQTT 5 PUBLISH without properties is decoded without
-    paho's `Properties` object, and messages go straight to `on_message`.
+    Per message, paho's parser costs more than the agent's own checks; four things trim it
+    (together ~20 → ~4 µs per command on the network thread): reads are buffered (paho does
+    three `recv()` calls per packet), a QoS 0/1 PUBLISH of MQTT 3.1.1, or of MQTT 5 without
+    properties, is decoded without paho's `Properties` object, logging or `MQTTMessageInfo`,
+    and messages go straight to `on_message`.
 
     `ack_many()` queues the PUBACKs of a whole committed group and wakes the network thread
     once: paho's `ack()` writes to its socketpair per message, which was a tenth of the CPU
@@ -98,27 +123,27 @@ class PahoClient(paho.Client):
         super()._sock_close()
 
     def _handle_publish(self) -> MQTTErrorCode:
-        """An MQTT 5 QoS 0/1 PUBLISH without properties, decoded without paho's `Properties`
-        object (~10 µs per message: it builds two 27-entry tables each time); anything else —
-        3.1.1, QoS 2, properties present (a response topic, a topic alias), a malformed
-        packet — goes to paho's own decoder. The message is the one paho would deliver, with
-        `properties` None instead of empty."""
+        """A QoS 0/1 PUBLISH — MQTT 3.1.1, or MQTT 5 without properties — decoded without
+        paho's `Properties` object (~10 µs per message: it builds two 27-entry tables each
+        time), its debug-log formatting and its per-message `MQTTMessageInfo` (see
+        `_Received`); anything else — QoS 2, MQTT 5 properties (a response topic, a topic
+        alias), a malformed packet — goes to paho's own decoder. The message is the one paho
+        would deliver, with `properties` None instead of empty."""
         header: int = self._in_packet["command"]
         packet: bytes | bytearray = self._in_packet["packet"]
         qos = (header & 0x06) >> 1
-        if self._protocol != paho.MQTTv5 or qos == 2:
+        if qos == 2:
             return super()._handle_publish()
         topic_end = 2 + int.from_bytes(packet[:2], "big")
-        properties_at = topic_end + (2 if qos else 0)
-        if topic_end == 2 or len(packet) <= properties_at or packet[properties_at] != 0:
-            return super()._handle_publish()  # properties (or an alias), or malformed
-        mid = int.from_bytes(packet[topic_end:properties_at], "big") if qos else 0
-        message = paho.MQTTMessage(mid=mid, topic=bytes(packet[2:topic_end]))
-        message.payload = bytes(packet[properties_at + 1 :])
-        message.dup = bool(header & 0x08)
-        message.qos = qos
-        message.retain = bool(header & 0x01)
-        message.timestamp = time.monotonic()  # paho's clock for it
+        payload_at = topic_end + (2 if qos else 0)
+        if self._protocol == paho.MQTTv5:
+            if topic_end == 2 or len(packet) <= payload_at or packet[payload_at] != 0:
+                return super()._handle_publish()  # properties (or an alias), or malformed
+            payload_at += 1  # the empty property length
+        elif topic_end == 2 or len(packet) < payload_at:
+            return super()._handle_publish()  # malformed: paho says how
+        mid = int.from_bytes(packet[topic_end : topic_end + 2], "big") if qos else 0
+        message = _Received(mid, bytes(packet[2:topic_end]), bytes(packet[payload_at:]), header)
         self._handle_on_message(message)
         if qos == 1 and not self._manual_ack:
             return self._send_puback(mid)

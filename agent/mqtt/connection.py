@@ -29,6 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import AgentConfig, MqttConfig
+from agent.logs import EscapeMessages
 from agent.mqtt.client import PahoClient
 from agent.mqtt.link import (
     STABLE_CONNECTION,
@@ -42,6 +43,7 @@ from agent.mqtt.topics import Topics, client_id_for
 
 log = logging.getLogger("engagement_agent.mqtt")
 paho_log = logging.getLogger("engagement_agent.mqtt.paho")
+paho_log.addFilter(EscapeMessages())  # it logs topics as received
 
 #: Outgoing QoS 1 messages (replies, errors, status) paho keeps while disconnected; beyond this
 #: `publish()` refuses instead of growing without bound.

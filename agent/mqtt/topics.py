@@ -5,6 +5,7 @@ The layout is documented in docs/mqtt.md ("Topics"):
     <prefix>/<device_id>/<app>/command   commands for this device (and <prefix>/all/... for all)
     <prefix>/<device_id>/<app>/reply     replies that have a request_id, and query results
     <prefix>/<device_id>/<app>/error     every refused command
+    <prefix>/<device_id>/<app>/response/...  MQTT 5 response topics the agent honours
     <prefix>/<device_id>/status          retained status; the last will says offline
 """
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from agent.config import AgentConfig
 
 BROADCAST = "all"
+#: MQTT's wildcard characters: a topic to publish to may not contain them.
+WILDCARDS = frozenset("+#")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,29 @@ class Topics:
     def reply(self, app: str) -> str:
         return f"{self.prefix}/{self.device_id}/{app}/reply"
 
+    def response_prefix(self, app: str) -> str:
+        """Where `app`'s MQTT 5 response topics must be: the one subtree of this device that
+        the shipped broker ACL lets only that app's account read."""
+        return f"{self.prefix}/{self.device_id}/{app}/response/"
+
+    def honours_response_topic(self, app: str, requested: str) -> bool:
+        """Whether a command on `app`'s command topic (this device's or the broadcast one)
+        may have its replies published to the response topic `requested`.
+
+        The agent's account must be allowed to write every app's replies, so the broker
+        cannot stop app A from naming `<prefix>/<device>/pos/reply` (or pos's response
+        topics) as its response topic and forging replies that pos reads. Only a topic under
+        the commanding app's own `response/` subtree on this device is honoured — one more
+        level at least, no wildcards; anything else is the caller's to ignore (docs/mqtt.md,
+        "Replies").
+        """
+        head = self.response_prefix(app)
+        return (
+            len(requested) > len(head)
+            and requested.startswith(head)
+            and WILDCARDS.isdisjoint(requested)
+        )
+
     def app_of(self, topic: str) -> str | None:
         """The app segment of a topic matching one of `command_filters`, else None.
 
@@ -66,4 +92,4 @@ def client_id_for(config: AgentConfig) -> str:
     return config.mqtt.client_id or f"engagement-agent-{config.device_id}"
 
 
-__all__ = ["BROADCAST", "Topics", "client_id_for"]
+__all__ = ["BROADCAST", "WILDCARDS", "Topics", "client_id_for"]

@@ -14,6 +14,7 @@ customer ids and project fan-out.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from agent.commands import (
     TrackSessionStart,
     VerifyPushToken,
 )
-from agent.errors import InvalidState
+from agent.errors import InvalidState, TooLarge
 from agent.tracker.model import (
     AppSettings,
     AppState,
@@ -48,6 +49,10 @@ from agent.tracker.routing import current_state, projects_for, routing, switch_f
 
 #: `token_track_frequency = "daily"` re-tracks when the last track is at least this old.
 DAILY_SECONDS = 24 * 3600.0
+#: An app's remembered hard ids go into its stored state and into every item it queues, so
+#: `identify_customer` merges may not grow them without end (docs/tracking.md, "Customer ids").
+MAX_CUSTOMER_IDS = 32
+MAX_CUSTOMER_IDS_BYTES = 8192
 
 _PLATFORM: Mapping[TokenType, str] = {"fcm": "android", "hms": "huawei"}
 _TOKEN_PROPERTY: Mapping[TokenType, str] = {
@@ -85,16 +90,19 @@ def handle(
 ) -> Outcome:
     """Apply one accepted command to an app; `state=None` means the app was never seen.
 
-    Raises `InvalidState` (a manual session command in the wrong mode) and `Forbidden` (an
-    anonymize naming a project the app may not use) before anything is decided; the caller
-    then commits nothing. Any other command type is a programming error (`TypeError`):
-    `status` and `flush` are the daemon's, not the tracker's.
+    Raises `InvalidState` (a manual session command in the wrong mode), `Forbidden` (an
+    anonymize naming a project the app may not use) and `TooLarge` (an identify_customer that
+    would remember too many ids) before anything is decided; the caller then commits nothing.
+    Any other command type is a programming error (`TypeError`): `status` and `flush` are the
+    daemon's, not the tracker's.
     """
     # Exact types, not isinstance: a pydantic model's isinstance goes through ABCMeta, slow
     # enough to show per command, and commands are never subclassed (agent/commands.py).
     kind = type(command)
     _check_allowed(command, state, settings)
     run = _Run(settings, device, ctx, current_state(state, settings))
+    if type(command) is IdentifyCustomer:
+        _check_ids({**run.state.ids, **command.ids})
     if kind is GetCustomer:
         return _on_get_customer(run)
     switch = switch_for(command, run.state, settings) if type(command) is Anonymize else None
@@ -265,6 +273,18 @@ def _check_allowed(command: object, state: AppState | None, settings: AppSetting
         )
     if kind is TrackSessionEnd and (state is None or state.session == "none"):
         raise InvalidState("track_session_end without an open session")
+
+
+def _check_ids(ids: Mapping[str, str]) -> None:
+    """The bound on remembered ids, checked before anything is decided (a refused merge
+    leaves the stored ids as they were)."""
+    size = len(json.dumps(ids, ensure_ascii=False, separators=(",", ":")).encode())
+    if len(ids) > MAX_CUSTOMER_IDS or size > MAX_CUSTOMER_IDS_BYTES:
+        raise TooLarge(
+            f"customer ids too large: with this identify_customer the app would remember "
+            f"{len(ids)} ids in {size} bytes; at most {MAX_CUSTOMER_IDS} ids in "
+            f"{MAX_CUSTOMER_IDS_BYTES} bytes (anonymize starts a new customer)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ DEVICE = "dev1"
 CMD = f"engagement/{DEVICE}/kiosk/command"
 ERR = f"engagement/{DEVICE}/kiosk/error"
 REPLY = f"engagement/{DEVICE}/kiosk/reply"
+RESPONSES = f"engagement/{DEVICE}/kiosk/response/ui"  # an app's responses go under its topics
 STATUS = f"engagement/{DEVICE}/status"
+RESPONSES = f"engagement/{DEVICE}/kiosk/response/"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -387,22 +389,23 @@ def test_mqtt5_response_topic_gets_every_reply_with_correlation_data(
         backend = FakeBackend()
         adapter = await harness.start(backend)
         app = AppClient(mosquitto.port)
-        app.subscribe("app/responses/#")
+        app.subscribe(RESPONSES + "#")
         app.subscribe(ERR)
         app.subscribe(REPLY)
+        response_topic = RESPONSES + "ui"
 
         def request(payload: Any, correlation: bytes) -> None:
             properties = Properties(PacketTypes.PUBLISH)
-            properties.ResponseTopic = "app/responses/kiosk"
+            properties.ResponseTopic = response_topic
             properties.CorrelationData = correlation
             app.publish(CMD, payload, properties=properties)
 
         request(track("ok"), b"\x00corr-1")
         request(b"not json", b"corr-2")
-        await until(lambda: len(app.messages("app/responses/kiosk")) == 2, "two responses")
+        await until(lambda: len(app.messages(response_topic)) == 2, "two responses")
         by_correlation = {
             m.properties.CorrelationData: json.loads(m.payload)  # type: ignore[union-attr]
-            for m in app.messages("app/responses/kiosk")
+            for m in app.messages(response_topic)
         }
         assert by_correlation[b"\x00corr-1"]["ok"] is True
         assert by_correlation[b"corr-2"]["error"]["code"] == "invalid_json"
@@ -411,6 +414,57 @@ def test_mqtt5_response_topic_gets_every_reply_with_correlation_data(
         assert app.payloads(ERR)[0]["error"]["code"] == "invalid_json"
         assert app.messages(REPLY) == []
         await adapter.stop()
+        app.close()
+
+    run(scenario)
+
+
+def test_a_response_topic_outside_the_apps_own_subtree_is_ignored(
+    mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """App "kiosk" names another app's reply topic (and other foreign topics) as its response
+    topic: nothing is published there, the replies go to kiosk's own topics, and the journal
+    says so once."""
+    pos_reply = f"engagement/{DEVICE}/pos/reply"
+    # (Mosquitto refuses control characters in a response topic: escaping is tested with the
+    # log lines themselves, tests/unit/test_logs.py.)
+    forged = [pos_reply, f"engagement/{DEVICE}/pos/response/x", "elsewhere/kiosk/response/x"]
+
+    async def scenario() -> None:
+        harness = Harness(mosquitto)
+        backend = FakeBackend()
+        adapter = await harness.start(backend)
+        spy = AppClient(mosquitto.port)
+        spy.subscribe("#")
+        app = AppClient(mosquitto.port)
+        for number, topic in enumerate(forged):
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = topic
+            properties.CorrelationData = b"forged"
+            app.publish(CMD, track("forged", request_id=f"r{number}"), properties=properties)
+        broadcast = Properties(PacketTypes.PUBLISH)
+        broadcast.ResponseTopic = pos_reply
+        app.publish("engagement/all/kiosk/command", {"command": "status"}, properties=broadcast)
+        await until(lambda: len(spy.messages(REPLY)) == 4, "the replies on kiosk's reply topic")
+        assert sorted(r["request_id"] or "" for r in spy.payloads(REPLY)) == ["", "r0", "r1", "r2"]
+        assert all(
+            m.properties is None or not hasattr(m.properties, "CorrelationData")
+            for m in spy.messages(REPLY)
+        )
+        # Then a legitimate request: once its answer is in, the forged ones would be too.
+        legit = Properties(PacketTypes.PUBLISH)
+        legit.ResponseTopic = RESPONSES + "xyz"
+        legit.CorrelationData = b"c-ok"
+        app.publish(CMD, track("legit"), properties=legit)
+        await until(lambda: spy.messages(RESPONSES + "xyz"), "the legitimate response")
+        for topic in forged:
+            assert spy.messages(topic) == []
+        assert len(backend.names()) == 4  # ignoring the topic refuses nothing
+        lines = [r.getMessage() for r in caplog.records if "response topic" in r.getMessage()]
+        assert len(lines) == 1, lines  # said once (a minute), not per command
+        assert pos_reply in lines[0]
+        await adapter.stop()
+        spy.close()
         app.close()
 
     run(scenario)
@@ -631,6 +685,27 @@ def test_broker_restart_mid_stream_loses_no_acknowledged_message(
         assert adapter.connected
         await adapter.stop()
         app.close()
+
+    run(scenario)
+
+
+def test_on_connect_is_called_for_every_connection_however_short_the_outage(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """The daemon's network hint for sync (docs/sync.md, "Network") hangs on this."""
+
+    async def scenario() -> None:
+        connects: list[float] = []
+        adapter = await Harness(mosquitto).start(
+            FakeBackend(), on_connect=lambda: connects.append(time.monotonic())
+        )
+        await until(lambda: len(connects) == 1, "the first connection's call")
+        await to_thread(mosquitto.stop)
+        await until(lambda: not adapter.connected, "the link to drop")
+        await to_thread(mosquitto.start)
+        await until(lambda: len(connects) == 2, "the reconnection's call")
+        assert adapter.connected
+        await adapter.stop()
 
     run(scenario)
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent_devtools.apistub import ApiStub
-from tests.fixtures.api import api_project
+from tests.fixtures.api import API_PROJECTS, api_project
 from tests.fixtures.daemon import AgentProcess, wait_for
-from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.mosquitto import MosquittoBroker, free_port
 
 PREFIX = "engagement"
 DEVICE = "test-device"
@@ -22,10 +26,13 @@ DEVICE = "test-device"
 class Subscriber:
     """An app-side client that records every message on the topics it subscribed to."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(
+        self, port: int, topic: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+    ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.correlation: list[tuple[str, bytes | None]] = []  # (topic, correlation data)
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: subscribed.set()
@@ -37,6 +44,8 @@ class Subscriber:
     def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
             self.messages.append((message.topic, message.payload, bool(message.retain)))
+            data = getattr(message.properties, "CorrelationData", None)
+            self.correlation.append((message.topic, bytes(data) if data is not None else None))
 
     def on(self, topic: str) -> list[Any]:
         with self._lock:
@@ -194,3 +203,91 @@ def test_redirect_attack_over_mqtt_is_forbidden_and_status_shows_no_ids(
         app_side.close()
         watcher.close()
         attacker.stop()
+
+
+def test_an_app_cannot_forge_another_apps_replies_through_a_response_topic(
+    agent: AgentProcess, mosquitto: MosquittoBroker
+) -> None:
+    """kiosk-ui names pos's reply topic as its MQTT 5 response topic: the agent may write it
+    (so the broker cannot stop this), but only kiosk-ui's own response/ subtree is honoured;
+    the reply goes to kiosk-ui's reply topic, and the journal says so once."""
+    pos_reply = f"{PREFIX}/{DEVICE}/pos/reply"
+    own = f"{PREFIX}/{DEVICE}/kiosk-ui"
+    spy = Subscriber(mosquitto.port, f"{PREFIX}/#")
+    app = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    app.connect("127.0.0.1", mosquitto.port)
+    app.loop_start()
+
+    def request(command: dict[str, Any], response_topic: str, correlation: bytes) -> None:
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = response_topic
+        properties.CorrelationData = correlation
+        app.publish(f"{own}/command", json.dumps(command), qos=1, properties=properties)
+
+    try:
+        forged = {"command": "track_event", "name": "paid", "request_id": "forged"}
+        request(forged, pos_reply, b"c-forged")
+        request({"command": "status"}, f"{PREFIX}/{DEVICE}/pos/response/x", b"c-forged-2")
+        wait_for(lambda: len(spy.on(f"{own}/reply")) == 2, 15, "kiosk-ui's own replies")
+        request({"command": "status", "request_id": "legit"}, f"{own}/response/xyz", b"c-1")
+        wait_for(lambda: spy.on(f"{own}/response/xyz"), 15, "the legitimate response")
+        (response,) = spy.on(f"{own}/response/xyz")
+        assert response["ok"] and response["request_id"] == "legit"
+        assert (f"{own}/response/xyz", b"c-1") in spy.correlation
+        assert spy.on(pos_reply) == [] and spy.on(f"{PREFIX}/{DEVICE}/pos/response/x") == []
+        # (A query and a tracking command are answered in either order.)
+        assert {r["request_id"] for r in spy.on(f"{own}/reply")} == {"forged", None}
+        assert all(c is None for t, c in spy.correlation if t == f"{own}/reply")
+        said = [line for line in agent.log().splitlines() if "ignored the response topic" in line]
+        assert len(said) == 1 and pos_reply in said[0]
+    finally:
+        app.loop_stop()
+        app.disconnect()
+        spy.close()
+
+
+def test_an_mqtt_reconnect_wakes_a_project_waiting_on_the_probe_schedule(
+    make_agent: Any, mosquitto: MosquittoBroker
+) -> None:
+    """The API is unreachable, so the project waits for its next network probe (minutes
+    away); the network comes back, and the broker link reconnecting is what says so: the
+    queue drains long before the probe. The broker's outage is far shorter than the
+    daemon's watchdog period, which a hint taken from the watchdog would miss."""
+    probe_interval = 600.0  # the next probe is 300 to 900 s away
+    api = ApiStub("127.0.0.1", free_port(), API_PROJECTS)  # restarts on the same port
+    api.start()
+    api.stop()  # the API (and the network to it) is gone
+    agent: AgentProcess = make_agent(
+        {
+            "device_id": DEVICE,
+            "project": api_project(api),
+            "mqtt": {"enabled": True, "host": "127.0.0.1", "port": mosquitto.port},
+            "sync": {"flush_mode": "immediate", "probe_interval": probe_interval},
+        }
+    )
+    try:
+        agent.start()
+        wait_for(lambda: agent.status()["mqtt"]["connected"], 15, "the agent's MQTT connection")
+        for i in range(5):
+            reply = agent.request({"command": "track_event", "name": f"offline{i}"})
+            assert reply["ok"], reply
+
+        def waiting_for_probe() -> dict[str, Any] | None:
+            (project,) = agent.status()["sync"]["projects"]
+            refused = "refused" in (project["last_error"] or "")
+            return project if refused and project["next_attempt"] is not None else None
+
+        project = wait_for(waiting_for_probe, 30, "the project waiting for its network probe")
+        assert project["state"] == "backoff"
+        assert project["next_attempt"] - time.time() > probe_interval / 2 - 30
+        api.start()
+        mosquitto.stop()
+        wait_for(lambda: not agent.status()["mqtt"]["connected"], 30, "the link to drop")
+        mosquitto.start()
+        deadline = time.monotonic() + 60.0  # a tenth of the probe interval
+        wait_for(lambda: agent.status()["queue"]["items"] == 0, 60, "the queue to drain")
+        assert time.monotonic() < deadline
+        assert {f"offline{i}" for i in range(5)} <= set(event_types(api))
+    finally:
+        agent.close()
+        api.stop()

@@ -8,39 +8,18 @@ every write and fsync block exactly as a hung storage device would.
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.ipc import MAX_PENDING_BYTES
 from tests.fixtures.daemon import AgentProcess
 
 WATCHDOG_USEC = "2000000"  # ping every 1 s; the writer counts as stuck after 1 s
-
-
-@pytest.fixture
-def frozen_fs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting and freezing a filesystem needs root (CI runs as root)")
-    image = tmp_path / "fs.img"
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["fsfreeze", "--unfreeze", str(mount)], check=False, capture_output=True)
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def pings_within(agent: AgentProcess, seconds: float) -> int:

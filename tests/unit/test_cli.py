@@ -49,7 +49,7 @@ STATUS = {
         "sent": 40,
     }]},
     "mqtt": {"enabled": True, "connected": False},
-    "apps": {"kiosk-ui": {"session": "active", "cookie": "c0ffee", "push_token_tracked_at": None}},
+    "apps": {"kiosk-ui": {"session": "active", "push_token_tracked_at": None}},
 }
 
 
@@ -170,6 +170,8 @@ def cli(capsys: pytest.CaptureFixture[str], agent: FakeAgent) -> Run:
          {"command": "identify_customer", "ids": {"registered": "jane@example.com", "crm": "42"},
           "properties": {"age": 30}}),
         (["anonymize", "--app", "a1"], {"command": "anonymize", "app": "a1"}),
+        (["anonymize", "--project", "eu-shop", "--mapping", '{"payment": ["payments"]}'],
+         {"command": "anonymize", "project": "eu-shop", "mapping": {"payment": ["payments"]}}),
         (["anonymize", "--project", '{"project_token": "t", "authorization_token": "k"}',
           "--mapping", '{"payment": []}'],
          {"command": "anonymize", "project": {"project_token": "t", "authorization_token": "k"},
@@ -258,7 +260,7 @@ def test_usage_errors_exit_64_with_one_line(cli: Run, agent: FakeAgent, argv: li
 def test_help_for_every_verb_has_examples(cli: Run) -> None:
     verbs = ["run", "check-config", "track", "identify", "anonymize", "session", "foreground",
              "background", "push-token", "verify-push-token", "payment", "default-properties",
-             "flush", "customer", "status", "send", "queue"]
+             "flush", "customer", "status", "send", "queue", "fleet", "metrics", "reload"]
     for verb in verbs:
         code, out, _ = cli(verb, "--help", socket=False)
         assert code == 0
@@ -279,8 +281,7 @@ def test_global_options_work_before_and_after_the_verb(
         ["--json", "track", "x", "--socket", str(agent.path), "--app", "a1"],
     ):
         code, out, _ = cli(*argv, socket=False)
-        assert code == 0
-        assert json.loads(out)["ok"] is True
+        assert (code, json.loads(out)) == (0, {})
         assert agent.last == {"command": "track_event", "name": "x", "app": "a1",
                               "properties": {}}
 
@@ -288,8 +289,9 @@ def test_global_options_work_before_and_after_the_verb(
 def test_an_option_before_the_verb_is_not_reset_by_the_subparser(
     cli: Run, agent: FakeAgent, short_dir: Path
 ) -> None:
+    agent.responder = ok(STATUS)
     code, out, _ = cli("--socket", str(agent.path), "--json", "status", socket=False)
-    assert code == 0 and json.loads(out)["ok"] is True
+    assert code == 0 and json.loads(out)["queue"]["items"] == 12
 
 
 def test_the_socket_comes_from_the_config(cli: Run, agent: FakeAgent, short_dir: Path) -> None:
@@ -316,12 +318,27 @@ def test_tracking_success_prints_ok(cli: Run, agent: FakeAgent) -> None:
     assert cli("track", "x") == (0, "ok\n", "")
 
 
-def test_json_prints_the_raw_reply(cli: Run, agent: FakeAgent) -> None:
+def test_json_prints_the_result(cli: Run, agent: FakeAgent) -> None:
     agent.responder = ok({"flushed": 3, "remaining": 0})
-    code, out, _ = cli("flush", "--wait", "--json")
-    assert code == 0
-    assert json.loads(out) == {"ok": True, "request_id": None,
-                               "result": {"flushed": 3, "remaining": 0}}
+    code, out, err = cli("flush", "--wait", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"flushed": 3, "remaining": 0}
+
+
+def test_status_json_pipes_into_jq(agent: FakeAgent) -> None:
+    """What the docs promise: `engagement-agent status --json | jq .queue.items`."""
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.fail("jq is not installed (apt-get install jq)")
+    agent.responder = ok(STATUS)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "status", "--json", "--socket", str(agent.path)],
+        stdout=subprocess.PIPE, env=_env(),
+    )
+    done = subprocess.run([jq, ".queue.items"], stdin=cli.stdout, capture_output=True,
+                          text=True, timeout=30)
+    assert cli.wait(timeout=30) == 0
+    assert done.stdout == "12\n"
 
 
 def test_rejection_exits_1_with_one_line_on_stderr(cli: Run, agent: FakeAgent) -> None:
@@ -332,11 +349,21 @@ def test_rejection_exits_1_with_one_line_on_stderr(cli: Run, agent: FakeAgent) -
                    "invalid command: name: too long second\n")
 
 
-def test_rejection_with_json_prints_the_reply_on_stdout(cli: Run, agent: FakeAgent) -> None:
+def test_rejection_with_json_leaves_stdout_empty(cli: Run, agent: FakeAgent) -> None:
+    """A pipeline reading stdout never mistakes an error for data; stderr has the reply."""
     agent.responder = rejected("invalid_state", "no open session")
     code, out, err = cli("session", "end", "--json")
-    assert (code, err) == (1, "")
-    assert json.loads(out)["error"]["code"] == "invalid_state"
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1
+    assert json.loads(err) == {"ok": False, "request_id": None, "error": {
+        "code": "invalid_state", "message": "no open session"}}
+
+
+def test_unavailable_with_json_exits_69(cli: Run, agent: FakeAgent) -> None:
+    agent.responder = rejected("unavailable", "the agent is shutting down")
+    code, out, err = cli("status", "--json")
+    assert (code, out) == (69, "")
+    assert json.loads(err)["error"]["code"] == "unavailable"
 
 
 def test_unavailable_exits_69_so_scripts_retry(cli: Run, agent: FakeAgent) -> None:
@@ -374,7 +401,7 @@ def test_a_silent_agent_times_out_with_69(cli: Run, short_dir: Path) -> None:
     finally:
         server.close()
     assert code == 69
-    assert "did not reply within 0.2 s" in err
+    assert err.endswith("did not reply within 0.2 s (raise it with --timeout)\n")
 
 
 def test_invalid_config_exits_78_in_one_line(cli: Run, short_dir: Path) -> None:
@@ -398,11 +425,23 @@ def test_status_is_readable_at_a_glance(cli: Run, agent: FakeAgent) -> None:
         "tok-1 @ https://api.example.com: backoff, sent 40, last success never",
         "last error: HTTP 503",
         "next attempt in",
-        "kiosk-ui: session active, cookie c0ffee, no push token",
+        "kiosk-ui: session active, no push token",
         "/q.db.corrupt-20240501T120000Z at",
         "quick_check failed",
     ):
         assert fragment in out, fragment
+
+
+def test_status_shows_the_clock_and_mqtt_protocol_when_reported(
+    cli: Run, agent: FakeAgent
+) -> None:
+    mqtt = {"enabled": True, "connected": True, "protocol": "3.1.1"}
+    clock = {"synchronized": False, "source": "none", "held": 4}
+    agent.responder = ok({**STATUS, "mqtt": mqtt, "clock": clock})
+    code, out, _ = cli("status")
+    assert code == 0
+    assert "mqtt:     connected (MQTT 3.1.1)\n" in out
+    assert "clock:    NOT synchronized, source none, 4 items held until the time is known\n" in out
 
 
 def test_status_survives_a_sparse_reply(cli: Run, agent: FakeAgent) -> None:

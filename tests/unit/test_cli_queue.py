@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ cli = test_cli.cli
 short_dir = test_cli.short_dir
 
 
-ITEM = {"id": 7, "project_id": 1, "created_at": 1714564800.0, "bytes": 120}
+ITEM = {"id": 7, "project_token": "0b7e-tok", "base_url": "https://api.example.com",
+        "app": "kiosk-ui", "kind": "purchase", "created_at": time.time() - 3725, "size": 120,
+        "held": False}
 
 
 class _Terminal(io.StringIO):
@@ -50,6 +53,8 @@ class _Pipe(io.StringIO):
         (["retry-dead", "4", "9"], {"command": "queue_retry_dead", "ids": [4, 9]}),
         (["purge", "--yes"], {"command": "queue_purge", "dead": False}),
         (["purge", "--dead", "--yes"], {"command": "queue_purge", "dead": True}),
+        (["purge", "--project", "0b7e-tok", "--yes"],
+         {"command": "queue_purge", "dead": False, "project_token": "0b7e-tok"}),
     ],
 )
 def test_live_queue_commands(
@@ -60,21 +65,37 @@ def test_live_queue_commands(
     assert agent.requests == [expected]
 
 
-def test_live_list_is_a_table_with_a_next_page_hint(cli: Run, agent: FakeAgent) -> None:
-    agent.responder = ok({"items": [ITEM, {**ITEM, "id": 8}]})
+def test_live_list_says_what_each_item_is(cli: Run, agent: FakeAgent) -> None:
+    """Project token (never an internal number), app, kind, age, size: enough to act on."""
+    customer = {**ITEM, "id": 8, "app": None, "kind": "customer", "size": 2048, "held": True}
+    agent.responder = ok({"items": [ITEM, customer]})
     code, out, _ = cli("queue", "list", "--limit", "2")
     lines = out.splitlines()
     assert code == 0
-    assert lines[0].split() == ["ID", "PROJECT", "QUEUED", "SIZE"]
-    assert lines[1].split()[:2] == ["7", "1"] and "120 B" in lines[1]
+    assert lines[0].split() == ["ID", "PROJECT", "APP", "KIND", "AGE", "SIZE"]
+    assert lines[1].split() == ["7", "0b7e-tok", "kiosk-ui", "purchase", "1h", "2m", "120", "B"]
+    assert lines[2].split()[:8] == ["8", "0b7e-tok", "-", "customer", "1h", "2m", "2.0", "KiB"]
+    assert lines[2].endswith("held: waiting for the true time")
     assert lines[-1] == "(more: engagement-agent queue list --after 8)"
 
 
-def test_live_dead_letters_show_the_reason(cli: Run, agent: FakeAgent) -> None:
-    dead = {**ITEM, "failed_at": 1714564900.0, "reason": "invalid customer_ids"}
+def test_live_list_json_is_the_objects(cli: Run, agent: FakeAgent) -> None:
+    agent.responder = ok({"items": [ITEM]})
+    code, out, err = cli("queue", "list", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"items": [ITEM]}
+
+
+def test_live_dead_letters_show_the_apis_reason(cli: Run, agent: FakeAgent) -> None:
+    dead = {**ITEM, "failed_at": time.time() - 60, "reason": "invalid customer_ids"}
     agent.responder = ok({"dead_letters": [dead]})
     code, out, _ = cli("queue", "dead-letters")
-    assert code == 0 and "invalid customer_ids" in out and "(more" not in out
+    lines = out.splitlines()
+    assert code == 0 and "(more" not in out
+    assert lines[0].split() == ["ID", "PROJECT", "APP", "KIND", "AGE", "SIZE", "FAILED",
+                                "REASON"]
+    assert lines[1].split()[:4] == ["7", "0b7e-tok", "kiosk-ui", "purchase"]
+    assert lines[1].endswith("ago  invalid customer_ids")
 
 
 def test_live_show_prints_the_payload(cli: Run, agent: FakeAgent) -> None:
@@ -82,8 +103,27 @@ def test_live_show_prints_the_payload(cli: Run, agent: FakeAgent) -> None:
     agent.responder = ok({**ITEM, "payload": json.dumps(payload)})
     code, out, _ = cli("queue", "show", "7")
     assert code == 0
-    assert out.startswith("id:       7\n")
-    assert json.loads(out.split("payload:\n", 1)[1]) == payload
+    head, body = out.split("payload:\n", 1)
+    assert head.splitlines()[:4] == [
+        "id:       7", "project:  0b7e-tok @ https://api.example.com", "app:      kiosk-ui",
+        "kind:     purchase"]
+    assert json.loads(body) == payload
+
+
+def test_purge_dead_and_project_together_is_a_usage_error(cli: Run, agent: FakeAgent) -> None:
+    code, _, err = cli("queue", "purge", "--dead", "--project", "t", "--yes")
+    assert code == 64 and "not both" in err
+    assert agent.requests == []
+
+
+def test_purge_of_a_project_names_it_when_asking(
+    cli: Run, agent: FakeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", _Terminal("y\n"))
+    agent.responder = ok({"purged": 5})
+    code, out, err = cli("queue", "purge", "--project", "0b7e-tok")
+    assert (code, out) == (0, "deleted 5 queued items\n")
+    assert "Delete every queued item of project 0b7e-tok (they will never be sent)?" in err
 
 
 def test_live_show_of_a_missing_item_exits_1(cli: Run, agent: FakeAgent) -> None:
@@ -173,10 +213,9 @@ def test_offline_list_and_json(cli: Run, offline: tuple[Path, Store]) -> None:
     assert err.startswith(NOTE) and err.count("\n") == 1
     assert [line.split()[0] for line in out.splitlines()] == ["ID", "2", "3"]
     code, out, _ = cli("queue", "list", "--json", "--config", str(config), socket=False)
-    reply = json.loads(out)
-    assert reply["ok"] is True
-    assert [item["id"] for item in reply["result"]["items"]] == [2, 3]
-    assert set(reply["result"]["items"][0]) >= {"id", "project_token", "app", "kind", "size"}
+    result = json.loads(out)
+    assert [item["id"] for item in result["items"]] == [2, 3]
+    assert set(result["items"][0]) >= {"id", "project_token", "app", "kind", "size"}
 
 
 def test_offline_show(cli: Run, offline: tuple[Path, Store]) -> None:

@@ -152,3 +152,18 @@ def test_escape_makes_client_text_one_harmless_line() -> None:
     assert escape("ünïcödé") == "ünïcödé"
     long = escape("x" * 500)
     assert long.startswith("x" * 200) and long.endswith("...(300 more)")
+
+
+def test_escape_messages_filter_escapes_a_librarys_whole_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from agent.logs import EscapeMessages
+
+    library = logging.getLogger("engagement_agent.test.library")
+    library.addFilter(EscapeMessages())
+    try:
+        with caplog.at_level(logging.DEBUG, logger="engagement_agent.test.library"):
+            library.debug("Received PUBLISH %r on '%s'", 1, "a/evil\u2028\x1b[2J\nFORGED/command")
+    finally:
+        library.filters.clear()
+    assert caplog.messages == ["Received PUBLISH 1 on 'a/evil\\u2028\\x1b[2J\\x0aFORGED/command'"]

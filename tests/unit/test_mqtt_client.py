@@ -12,7 +12,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.mqtt.client import PahoClient
+from agent.mqtt.client import PahoClient, _Received
 
 
 def publish_packet(
@@ -59,16 +59,28 @@ RESPONSE_TOPIC = b"\x0a\x08\x00\x07replies"  # properties: length 10, Response T
         {"qos": 1, "mid": 65535, "dup": True, "retain": True},
         {"qos": 1, "mid": 9, "properties": RESPONSE_TOPIC},
         {"qos": 1, "mid": 9, "v5": False},
+        {"qos": 0, "v5": False},
+        {"qos": 1, "mid": 65535, "dup": True, "retain": True, "v5": False},
     ],
-    ids=["qos1", "qos0", "dup-retain", "with-properties", "mqtt311"],
+    ids=[
+        "qos1",
+        "qos0",
+        "dup-retain",
+        "with-properties",
+        "mqtt311",
+        "mqtt311-qos0",
+        "mqtt311-dup-retain",
+    ],
 )
 def test_our_decoding_matches_paho(packet: dict[str, Any]) -> None:
     v5 = packet.get("v5", True)
     header, body = publish_packet(b"engagement/d/kiosk/command", b'{"command":"status"}', **packet)
     theirs, ours = clients(v5)
     expected, got = deliver(theirs, header, body), deliver(ours, header, body)
-    for field in ("topic", "payload", "qos", "mid", "dup", "retain"):
+    for field in ("topic", "payload", "qos", "mid", "dup", "retain", "state"):
         assert getattr(got, field) == getattr(expected, field), field
+    assert type(got.payload) is type(expected.payload) is bytes
+    assert isinstance(got, _Received) is ("properties" not in packet)  # our decoder, or paho's
     if "properties" in packet:
         assert got.properties.ResponseTopic == "replies"  # type: ignore[union-attr]
 

@@ -43,6 +43,42 @@ def test_app_of_reads_only_our_command_topics(topic: str, app: str | None) -> No
     assert TOPICS.app_of(topic) == app
 
 
+@pytest.mark.parametrize(
+    ("app", "requested", "honoured"),
+    [
+        ("kiosk", "site/a/dev1/kiosk/response/ui", True),
+        ("kiosk", "site/a/dev1/kiosk/response/ui/42", True),
+        ("kiosk", "site/a/dev1/kiosk/response/ ", True),
+        # Forgeries: another app's replies, errors or responses, which the agent may write.
+        ("kiosk", "site/a/dev1/pos/reply", False),
+        ("kiosk", "site/a/dev1/pos/error", False),
+        ("kiosk", "site/a/dev1/pos/response/ui", False),
+        ("kiosk", "site/a/dev1/status", False),
+        ("kiosk", "site/a/dev1/kiosk/command", False),  # a command loop
+        ("kiosk", "site/a/dev1/kiosk/reply", False),
+        ("kiosk", "site/a/dev2/kiosk/response/ui", False),  # another device's app
+        ("kiosk", "site/a/all/kiosk/response/ui", False),
+        ("kiosk", "site/b/dev1/kiosk/response/ui", False),
+        ("kiosk", "site/a/dev1/kiosk/response/", False),  # nothing under it
+        ("kiosk", "site/a/dev1/kiosk/response", False),
+        ("kiosk", "site/a/dev1/kiosk/responses/ui", False),
+        ("kiosk", "site/a/dev1/kiosk-2/response/ui", False),
+        ("kiosk-2", "site/a/dev1/kiosk/response/ui", False),
+        ("kiosk", "site/a/dev1/kiosk/response/+", False),  # wildcards: not a topic name
+        ("kiosk", "site/a/dev1/kiosk/response/#", False),
+        ("kiosk", "app/responses/kiosk", False),
+        ("kiosk", "", False),
+    ],
+)
+def test_only_the_apps_own_response_subtree_is_honoured(
+    app: str, requested: str, honoured: bool
+) -> None:
+    """Commands on the device's topic and on the broadcast topic get the same rule: the app's
+    subtree on this device (the only one the broker ACL lets that app read)."""
+    assert TOPICS.response_prefix(app) == f"site/a/dev1/{app}/response/"
+    assert TOPICS.honours_response_topic(app, requested) is honoured
+
+
 def test_stale_filters_are_the_old_ones_no_longer_used() -> None:
     new = Topics("site/b", "dev1")
     assert new.stale_filters(TOPICS) == ("site/a/all/+/command", "site/a/dev1/+/command")

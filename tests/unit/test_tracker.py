@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from agent.commands import validate_command
-from agent.errors import Forbidden, InvalidState
+from agent.errors import Forbidden, InvalidState, TooLarge
 from agent.tracker import (
     AppSettings,
     AppState,
@@ -29,6 +29,7 @@ from agent.tracker import (
     handle,
     pending_timer,
 )
+from agent.tracker.core import MAX_CUSTOMER_IDS, MAX_CUSTOMER_IDS_BYTES
 
 T0 = 1_700_000_000.0
 MAIN = Project("main-token", "main-auth")
@@ -305,6 +306,25 @@ def test_identify_merges_ids_and_later_events_carry_them() -> None:
     }
     outcome = app.send("track_event", name="a")
     assert data(outcome.items[0])["customer_ids"]["registered"] == "jane@example.com"
+
+
+def test_remembered_ids_are_bounded_and_a_refused_merge_changes_nothing() -> None:
+    """Merged ids go into the app's state and every later item: a client cannot grow them
+    without end (one app could otherwise fill the shared queue and the agent's memory)."""
+    app = installed_app()
+    app.send("identify_customer", ids={f"id{i}": "v" for i in range(MAX_CUSTOMER_IDS - 1)})
+    state = app.state
+    with pytest.raises(TooLarge, match="customer ids too large"):
+        app.send("identify_customer", ids={"one": "v", "more": "v"})
+    assert app.state == state
+    app.send("identify_customer", ids={"id0": "replaced", "last": "v"})  # exactly the cap
+    big = "x" * (MAX_CUSTOMER_IDS_BYTES // 2)
+    with pytest.raises(TooLarge, match="customer ids too large"):
+        app.send("identify_customer", ids={"id1": big, "id2": big})
+    app.send("anonymize")  # a new customer starts with no ids
+    app.send("identify_customer", ids={"registered": big})
+    outcome = app.send("track_event", name="a")
+    assert data(outcome.items[0])["customer_ids"]["registered"] == big
 
 
 def test_customer_ids_are_a_snapshot() -> None:

@@ -212,6 +212,17 @@ def test_reasons_carry_the_apis_message_but_bounded() -> None:
     assert len(verdict.reason) < 300
 
 
+def test_the_apis_text_is_one_line_even_when_it_echoes_a_client() -> None:
+    """The API may echo an event name an app chose; the reason goes into log lines."""
+    hostile = "bad event type tap\x1b[2J\r\nFORGED line\u2028"
+    verdict = wire.classify(200, ok_body(False, error=hostile), 1)
+    assert verdict.results[0].error == "bad event type tap\\x1b[2J\\x0d\\x0aFORGED line\\u2028"
+    for body in (json.dumps({"error": hostile}).encode(), hostile.encode()):
+        reason = wire.classify(400, body, 2).reason
+        assert reason.startswith("HTTP 400: bad event type tap\\x1b[2J"), reason
+        assert not any(ch in reason for ch in "\x1b\r\n\u2028"), reason
+
+
 def test_redirects_pause_with_a_hint() -> None:
     verdict = wire.classify(301, b"", 1)
     assert verdict.action is Action.PAUSE

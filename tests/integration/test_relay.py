@@ -1,0 +1,128 @@
+"""The relay fixture itself (tests/fixtures/relay.py), against an echo server.
+
+The network fault tests trust the relay to misbehave exactly as described; these check each
+mode on a plain socket so a broken relay cannot make those tests pass for the wrong reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.fixtures.relay import Mode, Relay
+
+#: Long enough that a relay which forwarded would have answered an echo on 127.0.0.1.
+SILENCE = 1.0
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    server = socket.create_server(("127.0.0.1", 0))
+    port: int = server.getsockname()[1]
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # the relay resets it in REFUSE
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield port
+    server.close()
+
+
+def connect(relay: Relay) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+
+
+def test_pass_forwards_both_ways(make_relay: Callable[[int], Relay], echo_port: int) -> None:
+    relay = make_relay(echo_port)
+    with connect(relay) as sock:
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+
+
+def test_blackhole_accepts_and_never_answers(
+    make_relay: Callable[[int], Relay], echo_port: int
+) -> None:
+    relay = make_relay(echo_port)
+    with connect(relay) as kept:
+        kept.sendall(b"a")
+        assert recv_exactly(kept, 1) == b"a"
+        relay.set_mode(Mode.BLACKHOLE)
+        with connect(relay) as fresh:
+            for sock in (kept, fresh):
+                sock.sendall(b"ping")
+                sock.settimeout(SILENCE)
+                with pytest.raises(TimeoutError):
+                    sock.recv(1)
+        relay.set_mode(Mode.PASS)
+        with connect(relay) as after:
+            after.sendall(b"back")
+            assert recv_exactly(after, 4) == b"back"
+
+
+def test_trickle_sends_responses_one_byte_at_a_time(
+    make_relay: Callable[[int], Relay], echo_port: int
+) -> None:
+    relay = make_relay(echo_port)
+    relay.set_mode(Mode.TRICKLE)
+    with connect(relay) as sock:
+        sock.sendall(b"abc")
+        assert sock.recv(65536) == b"a"
+        relay.set_mode(Mode.PASS)  # the rest follows at once
+        assert recv_exactly(sock, 2) == b"bc"
+
+
+def test_cut_is_silent_and_heals_without_losing_bytes(
+    make_relay: Callable[[int], Relay], echo_port: int
+) -> None:
+    relay = make_relay(echo_port)
+    with connect(relay) as sock:
+        sock.sendall(b"1")
+        assert recv_exactly(sock, 1) == b"1"
+        relay.set_mode(Mode.CUT)
+        sock.sendall(b"23")
+        sock.settimeout(SILENCE)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # no answer, and no FIN or RST either
+        relay.set_mode(Mode.PASS)
+        sock.settimeout(10)
+        assert recv_exactly(sock, 2) == b"23"
+
+
+def test_refuse_closes_the_listener_and_resets_connections(
+    make_relay: Callable[[int], Relay], echo_port: int
+) -> None:
+    relay = make_relay(echo_port)
+    with connect(relay) as sock:
+        relay.set_mode(Mode.REFUSE)
+        with pytest.raises(ConnectionRefusedError):
+            connect(relay)
+        with pytest.raises(ConnectionResetError):
+            sock.sendall(b"x")
+            sock.recv(1)
+    relay.set_mode(Mode.PASS)
+    with connect(relay) as sock:
+        sock.sendall(b"again")
+        assert recv_exactly(sock, 5) == b"again"
