@@ -131,6 +131,10 @@ rm -f "$WORK"/target/pip-*.whl "$WORK"/target/setuptools-*.whl
     "${PLATFORMS[@]}" --python-version "$PYVER" --implementation cp \
     --abi "cp${PYVER/./}" --abi abi3 --abi none --target "$SITE" "$WORK"/target/*.whl
 rm -rf "${SITE:?}/bin"
+# Library modules that start with a `#!` line but are not executable (prometheus_client has a
+# few) are modules, not scripts: blank the line (keeping line numbers for tracebacks) so that
+# lintian does not take them for scripts with an unusual interpreter.
+find "$SITE" -name '*.py' ! -perm /111 -exec sed -i '1s/^#!.*//' {} +
 mkdir -p "$VENV/bin"
 ln -s "/usr/bin/python$PYVER" "$VENV/bin/python3"
 ln -s python3 "$VENV/bin/python"

@@ -90,12 +90,27 @@ def session_queue(node: RabbitMQNode, client_id: str) -> tuple[int, int]:
     raise AssertionError(f"no session queue for {client_id} in:\n{out}")
 
 
+def wait_subscribed(node: RabbitMQNode, device: str) -> None:
+    """Connected is not yet subscribed: RabbitMQ drops a message published before the agent's
+    session queue is bound (a race that a loaded machine widens)."""
+
+    def bound() -> bool:
+        try:
+            session_queue(node, f"engagement-agent-{device}")
+        except AssertionError:
+            return False
+        return True
+
+    wait_for(bound, 30, "the agent's subscription")
+
+
 def test_protocol_3_session_keeps_commands_while_the_agent_is_down(
     make_agent: Callable[..., AgentProcess], rabbitmq: RabbitMQNode, api_stub: ApiStub
 ) -> None:
     device = "rabbit-session"
     agent = rabbit_agent(make_agent, rabbitmq, api_stub, device)
     wait_connected(agent)
+    wait_subscribed(rabbitmq, device)
     track(rabbitmq, device, "online")
     wait_for(lambda: "online" in event_names(api_stub), 30, "a command through RabbitMQ")
 
@@ -145,6 +160,7 @@ def test_puback_waits_for_the_commit(
     )
     wait_connected(agent)
     client_id = f"engagement-agent-{device}"
+    wait_subscribed(rabbitmq, device)
     track(rabbitmq, device, "warmup")
     wait_for(lambda: "warmup" in event_names(api_stub), 30, "a first command")
 
