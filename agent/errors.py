@@ -38,6 +38,18 @@ PERMANENT_CODES = frozenset(
 )
 
 
+#: What a reply carries of an error: a command of `limits.max_command_bytes` with thousands of
+#: unknown fields would otherwise be answered with a reply several times its size, and replies
+#: a client does not read are memory the agent holds (docs/protocol.md, "Replies").
+MAX_DETAILS = 20
+MAX_MESSAGE_CHARS = 1024
+MAX_DETAIL_CHARS = 256
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class AgentError(Exception):
     """An error with a protocol error code (docs/protocol.md); `details` lists field paths and
     reasons, never values."""
@@ -50,9 +62,20 @@ class AgentError(Exception):
         self.details = details or []
 
     def to_reply_error(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        """The reply's `error`: the message and the first `MAX_DETAILS` details, texts clipped
+        (the message of a schema error counts every problem)."""
+        error: dict[str, Any] = {
+            "code": self.code.value,
+            "message": _clip(self.message, MAX_MESSAGE_CHARS),
+        }
         if self.details:
-            error["details"] = self.details
+            error["details"] = [
+                {
+                    key: _clip(value, MAX_DETAIL_CHARS) if isinstance(value, str) else value
+                    for key, value in detail.items()
+                }
+                for detail in self.details[:MAX_DETAILS]
+            ]
         return error
 
 

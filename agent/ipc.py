@@ -14,12 +14,17 @@ attacks; docs/protocol.md the rules a client sees):
   `systemctl reload` work under a flood;
 - time: a connection the agent owes no work for `socket.idle_timeout` is closed (a partly
   received line or unread replies are not work the agent owes);
-- memory: a connection holds at most a partial line (≤ `limits.max_command_bytes`), one read
-  chunk not yet parsed (when a limit stopped parsing mid-chunk), `MAX_IN_FLIGHT` requests of
-  which `MAX_QUERIES_IN_FLIGHT` queries, and replies it has not read: past
-  `socket.max_pending_reply_bytes` of those it is not read from, and its next query does not
-  run, until it reads. Requests being worked on by the writer count against
-  `MAX_PENDING_BYTES` across all connections.
+- memory: a connection holds a partial line (≤ `limits.max_command_bytes`) or one read chunk
+  not yet parsed (when a limit stopped parsing mid-chunk; a chunk is small, see
+  `SocketServer.read_chunk`), `MAX_IN_FLIGHT` requests of which `MAX_QUERIES_IN_FLIGHT`
+  queries, and replies it has not read: past `socket.max_pending_reply_bytes` of those it is
+  not read from, and its next query does not run, until it reads. Across all connections of
+  users other than root and the agent's own, unread replies share `MAX_UNREAD_REPLY_BYTES`:
+  past it, a connection is read from (and its next query runs) only while it owes nothing
+  more, so several hostile accounts together cost what the budget allows, not
+  `socket.max_connections` times what one connection may. Requests being worked on by the
+  writer count against `MAX_PENDING_BYTES` across all connections; past it, every
+  connection stops reading.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.config import MAX_SOCKET_INPUT_BYTES
 from agent.dispatch import Accepted, Dispatcher, Origin, Reply
 from agent.errors import InternalError, TooLarge, Unavailable
 from agent.logs import RateLimitedLog
@@ -50,6 +56,17 @@ MAX_QUERIES_IN_FLIGHT = 16
 #: pauses past it until half of it is answered. A parsed command takes several times its
 #: line's bytes, so this is small; it still holds thousands of typical commands.
 MAX_PENDING_BYTES = 1024 * 1024
+#: Replies the clients of other users than root and the agent's own have not read, across all
+#: their connections: past it each of them must read what it was sent before it is read from
+#: again (docs/security.md, "What hostile clients can cost, in all").
+MAX_UNREAD_REPLY_BYTES = 8 * 1024 * 1024
+#: How often the unread replies are counted again while they are over the budget (they shrink
+#: as clients read, which the transport does not report).
+BUDGET_CHECK_INTERVAL = 0.05
+#: Largest read from a connection. Input read but not parsed when a limit stops parsing
+#: mid-chunk waits with the connection, so the chunk is also at most the connection's share of
+#: `MAX_SOCKET_INPUT_BYTES`.
+READ_CHUNK = 64 * 1024
 #: Slots beyond `socket.max_connections` that only root and the agent's own user may take.
 RESERVED_CONNECTIONS = 8
 #: Connects the kernel queues for us to accept; a burst of refused ones holds a descriptor each.
@@ -92,12 +109,15 @@ class _Slot:
         self.turn: asyncio.Future[None] | None = None
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: SocketServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.uid: int | None = None
+        self.trusted = False  # root or the agent's own user: outside the shared reply budget
+        self._counted = 0  # this connection's unread replies as last added to the server's sum
+        self._gone = False
         self._origin = Origin("socket")
         self._buffer = bytearray()
         self._discarding = False  # inside an oversized line, dropping bytes until its newline
@@ -128,6 +148,7 @@ class _Connection(asyncio.Protocol):
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._origin = Origin("socket", uid=self.uid)
+        self.trusted = self.uid in self._server.privileged_uids
         # Replies the client has not read count from the first byte the kernel refused:
         # past the limit the transport pauses us (pause_writing) and we stop reading.
         limit = self._server.max_pending_reply_bytes
@@ -137,6 +158,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._server.unread_bytes -= self._counted
+        self._counted = 0
+        self._gone = True
         self._server.forget(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -157,7 +181,13 @@ class _Connection(asyncio.Protocol):
         self._touch()  # the client reads
         self._flush_replies()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # One buffer for every connection: asyncio fills it and calls buffer_updated() in one
+        # step, and whatever is kept is copied out of it. Idle connections hold no read buffer.
+        return self._server.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self._server.read_buffer[:nbytes].tobytes()
         if self._backlog:  # reading is paused while there is a backlog; keep the order anyway
             self._backlog += data
         else:
@@ -235,13 +265,34 @@ class _Connection(asyncio.Protocol):
         return self._ready_bytes + buffered
 
     def _must_stop(self) -> bool:
+        owed = self._owed()
         return (
             self._writing_paused
             or len(self._replies) >= MAX_IN_FLIGHT
             or self._queries >= MAX_QUERIES_IN_FLIGHT
             or self._server.pending_bytes > MAX_PENDING_BYTES
-            or self._owed() > self._server.max_pending_reply_bytes
+            or owed > self._server.max_pending_reply_bytes
+            or (owed > 0 and not self.trusted and self._server.over_budget(owed - self._counted))
         )
+
+    def _client_blocks(self) -> bool:
+        """Whether the client must read before the agent goes on with this connection: its
+        transport holds more than `socket.max_pending_reply_bytes`, or the shared budget is
+        spent and the transport holds anything at all (the kernel took less than was sent)."""
+        if self._writing_paused:
+            return True
+        if self.trusted or not self._server.limited:
+            return False
+        transport = self._transport
+        return transport is not None and transport.get_write_buffer_size() > 0
+
+    def _account(self) -> None:
+        """Bring this connection's share of the server's unread reply bytes up to date."""
+        if self.trusted or self._gone:
+            return
+        owed = self._owed()
+        self._server.unread_bytes += owed - self._counted
+        self._counted = owed
 
     def update_reading(self) -> None:
         """Pause reading while a limit is reached; otherwise parse the backlog, then read."""
@@ -252,6 +303,8 @@ class _Connection(asyncio.Protocol):
             if self._must_stop():
                 if self._server.pending_bytes > MAX_PENDING_BYTES:
                     self._server.waiting_for_budget.add(self)
+                if self._server.limited and not self.trusted:
+                    self._server.held.add(self)
                 if not self._reading_paused:
                     transport.pause_reading()
                     self._reading_paused = True
@@ -287,7 +340,7 @@ class _Connection(asyncio.Protocol):
             return
         if prepared.grouped:
             slot = _Slot(len(line))
-            server.pending_bytes += slot.size
+            server.take(slot.size)
             batch.append(prepared)
             slots.append(slot)
         else:
@@ -334,26 +387,26 @@ class _Connection(asyncio.Protocol):
         replies = self._replies
         parts: list[bytes] = []
         while replies:
-            slot = replies[0]
-            if slot.line is None:
-                turn = slot.turn
-                if (
-                    turn is not None
-                    and not turn.done()
-                    and not (self._writing_paused and self._server.accepting)
-                ):
-                    turn.set_result(None)
+            line = replies[0].line
+            if line is None:
                 break
             replies.popleft()
-            parts.append(slot.line)
-        if not parts:
-            return
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._ready_bytes -= len(data)
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-            self._touch()
+            parts.append(line)
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._ready_bytes -= len(data)
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+                self._touch()
+        if replies:
+            turn = replies[0].turn
+            if turn is not None and not turn.done():
+                if not self._client_blocks() or not self._server.accepting:
+                    turn.set_result(None)
+                elif self._server.limited and not self.trusted:
+                    self._server.held.add(self)
+        self._account()
 
     def _flush_replies(self) -> None:
         self._write_ready()
@@ -377,7 +430,7 @@ class _Connection(asyncio.Protocol):
             if slot.line is None and (slot.turn is None or slot.turn.done()):
                 return True
         return bool(self._backlog) and not (
-            self._writing_paused or self._owed() > self._server.max_pending_reply_bytes
+            self._client_blocks() or self._owed() > self._server.max_pending_reply_bytes
         )
 
     def _check_idle(self) -> None:
@@ -429,6 +482,16 @@ class SocketServer:
         self._per_uid: collections.Counter[int | None] = collections.Counter()
         self.pending_bytes = 0  # bytes of batched requests the writer has not finished
         self.waiting_for_budget: set[_Connection] = set()
+        self._release_turn = 0
+        #: Reads are small so that input held unparsed stays small (docs/security.md).
+        self.read_chunk = min(READ_CHUNK, MAX_SOCKET_INPUT_BYTES // max_connections)
+        self.read_buffer = memoryview(bytearray(self.read_chunk))
+        #: Unread replies of every connection outside root and the agent's own user, as last
+        #: counted (`_Connection._account`); `limited` once past `MAX_UNREAD_REPLY_BYTES`.
+        self.unread_bytes = 0
+        self.limited = False
+        self.held: set[_Connection] = set()  # stopped by the budget: looked at again each check
+        self._budget_timer: asyncio.TimerHandle | None = None
         self.accepting = True
         self._server: asyncio.AbstractServer | None = None
         self._to_flush: dict[_Connection, None] = {}  # connections with replies to write
@@ -497,6 +560,7 @@ class SocketServer:
             if not self._per_uid[connection.uid]:
                 del self._per_uid[connection.uid]
         self.waiting_for_budget.discard(connection)
+        self.held.discard(connection)
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -515,13 +579,59 @@ class SocketServer:
         finally:
             probe.close()
 
+    def over_budget(self, more: int) -> bool:
+        """Whether the shared budget of unread replies is spent, counting `more` bytes that
+        one connection owes beyond what it was last counted for."""
+        if not self.limited and self.unread_bytes + more > MAX_UNREAD_REPLY_BYTES:
+            self.limited = True
+            self._refusals.warning(
+                ("unread",),
+                "socket clients have %d bytes of replies unread; until they read, a "
+                "connection is read from only while it owes nothing",
+                self.unread_bytes + more,
+            )
+            loop = asyncio.get_running_loop()
+            self._budget_timer = loop.call_later(BUDGET_CHECK_INTERVAL, self._check_budget)
+        return self.limited
+
+    def _check_budget(self) -> None:
+        """Count the unread replies again (clients read without the transport telling us):
+        below half the budget every connection goes on; meanwhile each connection held back
+        goes on once it has read everything it was sent."""
+        self._budget_timer = None
+        for connection in self.connections:
+            connection._account()
+        if self.unread_bytes <= MAX_UNREAD_REPLY_BYTES // 2:
+            self.limited = False
+        else:
+            loop = asyncio.get_running_loop()
+            self._budget_timer = loop.call_later(BUDGET_CHECK_INTERVAL, self._check_budget)
+        held, self.held = self.held, set()
+        for connection in held:
+            connection._flush_replies()
+
+    def take(self, size: int) -> None:
+        """Count `size` bytes of a batched request in. Past `MAX_PENDING_BYTES` every
+        connection stops reading at once, not only the one that crossed it: each read would
+        parse at least one more command, and a parsed command takes several times its line."""
+        below = self.pending_bytes <= MAX_PENDING_BYTES
+        self.pending_bytes += size
+        if below and self.pending_bytes > MAX_PENDING_BYTES:
+            for connection in list(self.connections):
+                if not connection.trusted:  # root's CLI reads on: its line is a query
+                    connection.update_reading()
+
     def release(self, size: int) -> None:
         """The writer is done with batched requests; resume paused connections once half the
         budget is free."""
         self.pending_bytes -= size
         if self.waiting_for_budget and self.pending_bytes <= MAX_PENDING_BYTES // 2:
-            waiting, self.waiting_for_budget = self.waiting_for_budget, set()
-            for connection in waiting:
+            waiting = list(self.waiting_for_budget)
+            self.waiting_for_budget = set()
+            # The first ones may take the whole budget again: start somewhere else each time,
+            # so that every waiting connection gets its turn.
+            self._release_turn = (self._release_turn + 1) % len(waiting)
+            for connection in waiting[self._release_turn :] + waiting[: self._release_turn]:
                 connection.update_reading()
 
     def stop_accepting(self) -> None:
@@ -535,6 +645,9 @@ class SocketServer:
 
     async def close(self) -> None:
         self.stop_accepting()
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
+            self._budget_timer = None
         for connection in list(self.connections):
             connection.close_when_done()
         if self._server is not None:

@@ -3,18 +3,22 @@
     python3 bench/bench_hostile.py                  # 3 rounds, ~1 minute
     python3 bench/bench_hostile.py --quick          # one round
     python3 bench/bench_hostile.py --mix tracking   # only the 60 KB events (30 s each)
+    python3 bench/bench_hostile.py --accounts 8     # 8 local accounts at once (256 connections)
     python3 bench/bench_hostile.py --json out.json
 
 The real daemon (`python3 -m agent.cli run`) with the default socket limits and 64 apps with
 state (the largest status reply `apps.max_apps` allows). The hostile client is one local
 account (`nobody` when run as root: the agent's own user and root are trusted and get reserved
-slots): it opens 64 connections (32 get in, `socket.max_connections_per_uid`) and pipelines on
-each, never reading a reply, a mix of `status` (the largest reply), tracking commands of
+slots), or `--accounts N` of them at once (uids 65534, 65533, ...; they need no passwd entry;
+8 accounts take all 256 connections `socket.max_connections` allows): each opens 64
+connections (32 get in, `socket.max_connections_per_uid`) and pipelines on each, never
+reading a reply, a mix of `status` (the largest reply), tracking commands of
 ~60 KB with thousands of small properties (the most memory per parsed byte), invalid lines
 (an error reply each) and finally a partial line, until the agent has stopped reading every
 connection (nothing writable for 3 s) or `--seconds` (30) passed: tracking commands keep being
 committed, so a connection sending only those stalls late. Growth = `VmHWM` (peak RSS) after
-the attack − `VmRSS` before, from /proc/<pid>/status. Target: ≤ 64 MB (docs/security.md)."""
+the attack − `VmRSS` before, from /proc/<pid>/status. Target: ≤ 64 MB in all, whatever the
+number of accounts (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -111,7 +115,7 @@ def client(path: str, uid: int | None, seconds: float, mix: str) -> None:
     sys.stdin.readline()
 
 
-def attack(apps: int, seconds: float, mix: str) -> dict[str, float]:
+def attack(apps: int, seconds: float, mix: str, accounts: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)  # the hostile user must reach the socket
@@ -133,24 +137,34 @@ def attack(apps: int, seconds: float, mix: str) -> dict[str, float]:
             status_bytes = len(json.dumps(agent.status()))
             time.sleep(2.0)
             before = _memory_kib(pid, "VmRSS")
-            uid = NOBODY if os.geteuid() == 0 else None
+            as_root = os.geteuid() == 0
+            if not as_root and accounts > 1:
+                raise SystemExit("--accounts needs root (to connect as other users)")
+            uids: list[int | None] = [NOBODY - i for i in range(accounts)] if as_root else [None]
             started = time.monotonic()
-            hostile = subprocess.Popen(
-                [sys.executable, __file__, "--client", str(agent.socket_path)]
-                + ["--seconds", str(seconds), "--mix", mix]
-                + (["--uid", str(uid)] if uid is not None else []),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert hostile.stdout is not None and hostile.stdin is not None
-            report = json.loads(hostile.stdout.readline())
+            hostile = [
+                subprocess.Popen(
+                    [sys.executable, __file__, "--client", str(agent.socket_path)]
+                    + ["--seconds", str(seconds), "--mix", mix]
+                    + (["--uid", str(uid)] if uid is not None else []),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for uid in uids
+            ]
+            reports = []
+            for process in hostile:
+                assert process.stdout is not None
+                reports.append(json.loads(process.stdout.readline()))
             seconds = time.monotonic() - started
             served = agent.status()["online"]
             peak = _memory_kib(pid, "VmHWM")
             after = _memory_kib(pid, "VmRSS")
-            hostile.stdin.close()
-            hostile.wait(30)
+            for process in hostile:
+                assert process.stdin is not None
+                process.stdin.close()
+                process.wait(30)
         finally:
             agent.close()
     return {
@@ -158,12 +172,13 @@ def attack(apps: int, seconds: float, mix: str) -> dict[str, float]:
         "before_mib": before / 1024,
         "peak_mib": peak / 1024,
         "after_mib": after / 1024,
-        "admitted": report["admitted"],
-        "sent_mb": report["sent"] / MB,
+        "admitted": sum(r["admitted"] for r in reports),
+        "sent_mb": sum(r["sent"] for r in reports) / MB,
         "status_bytes": status_bytes,
         "seconds": seconds,
         "others_served": bool(served),
-        "as_other_user": uid is not None,
+        "as_other_user": as_root,
+        "accounts": len(uids),
     }
 
 
@@ -174,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="write the rows to this file")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--uid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--accounts", type=int, default=1, help="hostile local accounts at once (needs root)"
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="longest attack (30 s)")
     parser.add_argument(
         "--mix",
@@ -186,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         client(args.client, args.uid, args.seconds, args.mix)
         return
     rounds = args.rounds or (1 if args.quick else 3)
-    results = [attack(64, args.seconds, args.mix) for _ in range(rounds)]
+    results = [attack(64, args.seconds, args.mix, args.accounts) for _ in range(rounds)]
     for r in results:
         print(
             f"  before {r['before_mib']:.1f} MiB, peak {r['peak_mib']:.1f} MiB, after "
@@ -195,16 +213,22 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['others_served']}; as another user: {r['as_other_user']}"
         )
     first = results[0]
+    who = (
+        f"{args.accounts} users × 32 non-reading connections"
+        if args.accounts > 1
+        else "32 non-reading connections of one user"
+    )
     rows = [
         make_row(
-            "hostile socket client: RSS growth (32 non-reading connections of one user)"
+            f"hostile socket client: RSS growth ({who})"
             + (", only 60 KB events" if args.mix == "tracking" else ""),
             [r["growth_mb"] for r in results],
             "MB",
             target=TARGET_MB,
             better="lower",
             note=(
-                f"{first['admitted']} connections admitted of {CONNECTIONS}; pipelined status "
+                f"{first['admitted']} connections admitted of {CONNECTIONS * args.accounts}; "
+                f"pipelined status "
                 f"({first['status_bytes']} B, 64 apps) + 60 KB track_event + invalid lines; "
                 "VmHWM − VmRSS before"
             ),

@@ -11,8 +11,12 @@ run, where it uploads to the API stand-in (`engagement-api-stub`, its own proces
 pacing off. Results go in docs/benchmarks.md, "## Socket ingest".
 
 Rows:
-- pipelined: C connections each write their commands in large chunks (64 KiB) while a
-  thread reads the replies; the daemon keeps up to 1024 commands in flight per connection.
+- pipelined: C connections (1, 4, 16) each write their commands in large chunks (64 KiB)
+  while a thread reads the replies; the daemon keeps up to 1024 commands in flight per
+  connection. With it, the daemon's CPU time per command (user + system, /proc/<pid>/stat).
+- persist-queue: its `SQLiteAckQueue` (auto_commit, `synchronous=FULL`) fed by as many threads
+  as the pipelined row has connections, each putting one item at a time (bench/bench_queue.py),
+  in the same run: the peer of the 4- and 16-connection rows.
 - latency: one connection, one request at a time, p50/p99 of the round trip.
 - while draining: pipelined ingest with sync uploading the same queue concurrently; both
   the ingest rate and the drain rate (items POSTed and deleted per second until empty).
@@ -37,6 +41,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_queue import bench_persist_queue  # noqa: E402
 
 from tests.fixtures.daemon import AgentProcess  # noqa: E402
 
@@ -366,13 +372,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per row (default 3)")
     parser.add_argument("--count", type=int, default=None, help="commands per pipelined round")
     parser.add_argument("--latency-count", type=int, default=5000)
+    parser.add_argument("--pq-items", type=int, default=None, help="items per persist-queue run")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     count = args.count or (20_000 if args.quick else 100_000)
     latency_count = 1000 if args.quick else args.latency_count
+    pq_items = args.pq_items or (4_000 if args.quick else 12_800)
 
-    piped: dict[int, list[dict[str, float]]] = {1: [], 4: []}
+    piped: dict[int, list[dict[str, float]]] = {1: [], 4: [], 16: []}
+    peers: dict[int, list[float]] = {4: [], 16: []}
     lat: list[dict[str, float]] = []
     with running_daemon() as agent:
         warm_up(agent)
@@ -380,21 +389,47 @@ def main(argv: list[str] | None = None) -> list[Row]:
             for conns in piped:
                 piped[conns].append(pipelined(agent, conns, count // conns))
             lat.append(latency(agent, latency_count))
+            for threads, rates in peers.items():
+                with tempfile.TemporaryDirectory(prefix="bench-pq-") as workdir:
+                    rates.append(bench_persist_queue(workdir, "full", threads, pq_items)["rate"])
     drain = [while_draining(count) for _ in range(rounds)]
 
     rows = []
     for conns, results in piped.items():
+        peer = statistics.median(peers[conns]) if conns in peers else None
         rows.append(
             make_row(
                 f"socket pipelined, {conns} connection{'s' if conns > 1 else ''}",
                 [r["rate"] for r in results],
                 "cmd/s",
                 target=30_000,
-                baseline=80_000,
-                baseline_label="prototype burst ingest (REFERENCE)",
+                baseline=peer,
+                baseline_label=(
+                    f"persist-queue SQLiteAckQueue, {conns} threads, same run" if peer else ""
+                ),
                 note=f"daemon CPU {statistics.median(r['cpu_us'] for r in results):.0f} µs/cmd",
             )
         )
+        rows.append(
+            make_row(
+                f"socket daemon CPU per command, {conns} connection{'s' if conns > 1 else ''}",
+                [r["cpu_us"] for r in results],
+                "µs/cmd",
+                target=30,
+                better="lower",
+                digits=1,
+            )
+        )
+        if peer is not None:
+            rows.append(
+                make_row(
+                    f"ratio socket ({conns} connections) / persist-queue ({conns} threads)",
+                    [r["rate"] / p for r, p in zip(results, peers[conns], strict=True)],
+                    "×",
+                    target=6.0,
+                    digits=1,
+                )
+            )
     rows.append(
         make_row(
             "socket ack latency p50, 1 client, no pipelining",

@@ -96,17 +96,20 @@ def handle(
     Any other command type is a programming error (`TypeError`): `status` and `flush` are the
     daemon's, not the tracker's.
     """
+    # Exact types, not isinstance: a pydantic model's isinstance goes through ABCMeta, slow
+    # enough to show per command, and commands are never subclassed (agent/commands.py).
+    kind = type(command)
     _check_allowed(command, state, settings)
     run = _Run(settings, device, ctx, current_state(state, settings))
-    if isinstance(command, IdentifyCustomer):
+    if type(command) is IdentifyCustomer:
         _check_ids({**run.state.ids, **command.ids})
-    if isinstance(command, GetCustomer):
+    if kind is GetCustomer:
         return _on_get_customer(run)
-    switch = switch_for(command, run.state, settings) if isinstance(command, Anonymize) else None
+    switch = switch_for(command, run.state, settings) if type(command) is Anonymize else None
     # Read by the relaunch rule of this very command, so remembered only after it.
     command_at = _timestamp_of(command, ctx)
 
-    if not isinstance(command, Anonymize | SetDefaultProperties):
+    if kind is not Anonymize and kind is not SetDefaultProperties:
         # The first tracking command of an app installs it, before its own items. Anonymize
         # installs its new customer itself (an app whose very first command is anonymize
         # sends one installation); set_default_properties installs after setting them.
@@ -259,15 +262,16 @@ def _timestamp_of(command: object, ctx: Context) -> float:
 
 def _check_allowed(command: object, state: AppState | None, settings: AppSettings) -> None:
     """The invalid_state cases (docs/protocol.md), checked before anything else is decided."""
-    if not isinstance(command, TrackSessionStart | TrackSessionEnd):
+    kind = type(command)
+    if kind is not TrackSessionStart and kind is not TrackSessionEnd:
         return
-    name = "track_session_start" if isinstance(command, TrackSessionStart) else "track_session_end"
+    name = "track_session_start" if kind is TrackSessionStart else "track_session_end"
     if settings.automatic_session_tracking:
         raise InvalidState(
             f"{name} is refused while automatic session tracking is on for this app; "
             "set automatic_session_tracking = false in its config to track sessions manually"
         )
-    if isinstance(command, TrackSessionEnd) and (state is None or state.session == "none"):
+    if kind is TrackSessionEnd and (state is None or state.session == "none"):
         raise InvalidState("track_session_end without an open session")
 
 

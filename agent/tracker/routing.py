@@ -29,9 +29,12 @@ Routing = tuple[Project, Mapping[str, tuple[Project, ...]]]
 def projects_for(category: str, state: AppState, settings: AppSettings) -> list[Project]:
     """The app's project plus every project mapped for `category`, each project once."""
     project, mapping = routing(state, settings)
+    mapped = mapping.get(category)
+    if not mapped:  # the common case: the app's project alone
+        return [project]
     seen: set[ProjectKey] = set()
     projects: list[Project] = []
-    for candidate in (project, *mapping.get(category, ())):
+    for candidate in (project, *mapped):
         if candidate.key not in seen:
             seen.add(candidate.key)
             projects.append(candidate)

@@ -24,15 +24,13 @@ from typing import Any
 
 import pytest
 
-from agent.ipc import MAX_PENDING_BYTES
+from agent.ipc import MAX_PENDING_BYTES, MAX_UNREAD_REPLY_BYTES, READ_CHUNK
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import api_project
 from tests.fixtures.daemon import AgentProcess, cli, wait_for
 
 NOBODY = 65534
 OTHER_USER = 65533
-#: What asyncio reads from a socket at once: a limit can stop parsing one such chunk midway.
-READ_CHUNK = 256 * 1024
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as other users")
 
@@ -270,3 +268,150 @@ def test_clients_that_pipeline_status_and_never_read_are_bounded(make_agent: Any
     assert growth <= bound, f"grew by {growth} bytes (bound {bound}); status is {status_bytes}"
     # And the agent is still healthy afterwards.
     wait_for(lambda: agent.status()["online"], what="the agent answering after the flood")
+
+
+# A process of another user opening `count` connections and pipelining on each, never reading:
+# `status` (the largest reply), invalid lines (an error reply each), a command with thousands of
+# unknown fields (the largest error reply) and a large event; until no connection has taken
+# anything for 3 s, then a partial line on each. Prints one JSON summary, holds until stdin closes.
+_HOSTILE = """
+import json, os, select, socket, sys, time
+uid, path, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+held = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.setblocking(False)
+    held.append(s)
+unknown = {"command": "track_event", "name": "x"}
+unknown.update({f"f{i}": 0 for i in range(6000)})
+event = {"command": "track_event", "name": "x", "properties": {f"k{i}": i for i in range(2000)}}
+chunk = (
+    b'{"command": "status"}\\n' * 40
+    + b'{"command": "track_event", "name": 1, "properties": [], "extra": true}\\n' * 200
+    + json.dumps(unknown).encode() + b"\\n"
+    + json.dumps(event).encode() + b"\\n"
+)
+offset = dict.fromkeys(held, 0)
+sent = 0
+deadline = time.monotonic() + 120
+while held and time.monotonic() < deadline:
+    _, writable, _ = select.select([], held, [], 3.0)
+    if not writable:
+        break
+    for s in writable:
+        start = offset[s] % len(chunk)
+        try:
+            n = s.send(chunk[start:] + chunk[:start])
+        except BlockingIOError:
+            continue
+        except OSError:
+            held.remove(s)
+            continue
+        offset[s] += n
+        sent += n
+for s in held:
+    try:
+        s.send(b'{"command": "track_event", "name": "' + b"y" * 60000)
+    except OSError:
+        pass
+print(json.dumps({"connections": len(held), "sent": sent}), flush=True)
+sys.stdin.readline()
+"""
+
+# An honest client of another user: pipelines commands, reads every reply, prints the results.
+_HONEST = """
+import json, os, socket, sys
+uid, path = int(sys.argv[1]), sys.argv[2]
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(60)
+s.connect(path)
+requests = []
+for i in range(20):
+    requests.append({"command": "track_event", "name": "honest", "request_id": f"t{i}"})
+    requests.append({"command": "status", "request_id": f"s{i}"})
+    requests.append({"command": "track_event", "name": 1, "request_id": f"x{i}"})
+s.sendall(b"".join(json.dumps(r).encode() + b"\\n" for r in requests))
+lines = s.makefile("rb")
+replies = [json.loads(lines.readline()) for _ in requests]
+print(json.dumps([[r["request_id"], r["ok"]] for r in replies]), flush=True)
+"""
+
+
+@needs_root
+def test_several_hostile_accounts_together_stay_within_the_global_bound(
+    public_agent: Callable[..., AgentProcess],
+) -> None:
+    """Four accounts with all their connections, none reading: the unread replies of all of
+    them share one budget, so the agent's growth does not scale with the number of accounts;
+    root and an honest client of another account are served meanwhile."""
+    agent = public_agent()
+    # The largest status the config allows: apps.max_apps (64) apps, `default` included, with
+    # the longest names.
+    with agent.client() as client:
+        for i in range(63):
+            app = f"{i:02d}" + "x" * 62
+            assert client.request({"command": "track_event", "name": "e", "app": app})["ok"]
+        assert client.request({"command": "track_event", "name": "e"})["ok"]
+    status_bytes = len(json.dumps(agent.status())) + 1024  # room for the counts growing
+    assert agent.process is not None
+    pid = agent.process.pid
+    before_kb = _memory_kb(pid, "VmRSS")
+
+    hostile_uids = (NOBODY, OTHER_USER, 65532, 65531)
+    per_uid = 32  # socket.max_connections_per_uid
+    attackers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HOSTILE, str(uid), str(agent.socket_path), str(per_uid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for uid in hostile_uids
+    ]
+    try:
+        reports = []
+        for attacker in attackers:
+            assert attacker.stdout is not None
+            line = attacker.stdout.readline()
+            assert line, f"an attacker died (exit {attacker.wait(30)})"
+            reports.append(json.loads(line))
+        # Every connection got in and was stopped: nothing was taken for 3 s.
+        assert [r["connections"] for r in reports] == [per_uid] * len(hostile_uids), reports
+        # Root's CLI is served.
+        status = cli("status", "--json", "--socket", str(agent.socket_path))
+        assert status.returncode == 0, status.stderr
+        # So is an honest client of another account, in order, every reply.
+        honest = subprocess.run(
+            [sys.executable, "-c", _HONEST, "65530", str(agent.socket_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert honest.returncode == 0, honest.stderr
+        answered = json.loads(honest.stdout)
+        expected = [[f"{kind}{i}", kind != "x"] for i in range(20) for kind in "tsx"]
+        assert answered == expected
+        peak_kb = _memory_kb(pid, "VmHWM")
+    finally:
+        for attacker in attackers:
+            assert attacker.stdin is not None
+            attacker.stdin.close()
+            attacker.wait(30)
+    # docs/security.md, "What hostile clients can cost": the shared budget of unread replies,
+    # per connection (socket.max_connections of them) a partial line or a read chunk and the
+    # one reply that crossed the budget, the writer's budget, and room for the interpreter.
+    max_connections = 256
+    per_connection = max(65536, READ_CHUNK) + status_bytes
+    bound = (
+        MAX_UNREAD_REPLY_BYTES
+        + max_connections * per_connection
+        + 4 * MAX_PENDING_BYTES
+        + 16 * 1024 * 1024
+    )
+    growth = (peak_kb - before_kb) * 1024
+    sent = sum(r["sent"] for r in reports)
+    assert growth <= bound, f"grew by {growth} bytes (bound {bound}) after {sent} bytes sent"
+    wait_for(lambda: agent.status()["online"], what="the agent answering after the attack")

@@ -24,9 +24,13 @@ cli = test_cli.cli
 short_dir = test_cli.short_dir
 
 
-ITEM = {"id": 7, "project_token": "0b7e-tok", "base_url": "https://api.example.com",
-        "app": "kiosk-ui", "kind": "purchase", "created_at": time.time() - 3725, "size": 120,
-        "held": False}
+def queued_item(**changes: Any) -> dict[str, Any]:
+    """An item as the agent lists it, queued 1 h 2 min before now (ages are shown relative to
+    the moment the CLI renders, so the time is taken when the test runs, not at import)."""
+    item = {"id": 7, "project_token": "0b7e-tok", "base_url": "https://api.example.com",
+            "app": "kiosk-ui", "kind": "purchase", "created_at": time.time() - 3725,
+            "size": 120, "held": False}
+    return {**item, **changes}
 
 
 class _Terminal(io.StringIO):
@@ -67,10 +71,8 @@ def test_live_queue_commands(
 
 def test_live_list_says_what_each_item_is(cli: Run, agent: FakeAgent) -> None:
     """Project token (never an internal number), app, kind, age, size: enough to act on."""
-    # Stamped now, not at import: in a long run the module is imported minutes before this runs.
-    item = {**ITEM, "created_at": time.time() - 3725}
-    customer = {**item, "id": 8, "app": None, "kind": "customer", "size": 2048, "held": True}
-    agent.responder = ok({"items": [item, customer]})
+    customer = queued_item(id=8, app=None, kind="customer", size=2048, held=True)
+    agent.responder = ok({"items": [queued_item(), customer]})
     code, out, _ = cli("queue", "list", "--limit", "2")
     lines = out.splitlines()
     assert code == 0
@@ -82,14 +84,15 @@ def test_live_list_says_what_each_item_is(cli: Run, agent: FakeAgent) -> None:
 
 
 def test_live_list_json_is_the_objects(cli: Run, agent: FakeAgent) -> None:
-    agent.responder = ok({"items": [ITEM]})
+    item = queued_item()
+    agent.responder = ok({"items": [item]})
     code, out, err = cli("queue", "list", "--json")
     assert (code, err) == (0, "")
-    assert json.loads(out) == {"items": [ITEM]}
+    assert json.loads(out) == {"items": [item]}
 
 
 def test_live_dead_letters_show_the_apis_reason(cli: Run, agent: FakeAgent) -> None:
-    dead = {**ITEM, "failed_at": time.time() - 60, "reason": "invalid customer_ids"}
+    dead = queued_item(failed_at=time.time() - 60, reason="invalid customer_ids")
     agent.responder = ok({"dead_letters": [dead]})
     code, out, _ = cli("queue", "dead-letters")
     lines = out.splitlines()
@@ -102,7 +105,7 @@ def test_live_dead_letters_show_the_apis_reason(cli: Run, agent: FakeAgent) -> N
 
 def test_live_show_prints_the_payload(cli: Run, agent: FakeAgent) -> None:
     payload = {"name": "customers/events", "data": {"event_type": "door_opened"}}
-    agent.responder = ok({**ITEM, "payload": json.dumps(payload)})
+    agent.responder = ok(queued_item(payload=json.dumps(payload)))
     code, out, _ = cli("queue", "show", "7")
     assert code == 0
     head, body = out.split("payload:\n", 1)

@@ -198,6 +198,13 @@ def test_socket_limits_defaults_bounds_and_env(tmp_path: Path) -> None:
     # One account may not be owed more than 32 MiB of unread replies in all.
     found = problems(tmp_path, "[socket]\nmax_connections_per_uid = 64\n")
     assert "max_connections_per_uid × max_pending_reply_bytes" in found["socket"]
+    # Every connection may hold a partial line: 16 MiB of them at most in all.
+    found = problems(tmp_path, "[limits]\nmax_command_bytes = 131072\n")
+    assert "socket.max_connections × limits.max_command_bytes" in found["limits.max_command_bytes"]
+    path = write(
+        tmp_path, "[limits]\nmax_command_bytes = 131072\n[socket]\nmax_connections = 128\n"
+    )
+    assert load_config(path, BASE_ENV).limits.max_command_bytes == 131072
     env = {
         **BASE_ENV,
         "ENGAGEMENT_AGENT_SOCKET__IDLE_TIMEOUT": "30",

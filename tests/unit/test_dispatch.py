@@ -17,7 +17,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.dispatch import Accepted, Dispatcher, Origin, Reply, Result
-from agent.errors import QueueFull, TooLarge
+from agent.errors import MAX_DETAIL_CHARS, MAX_DETAILS, MAX_MESSAGE_CHARS, QueueFull, TooLarge
 
 OWN_UID = 4242
 SOCKET = Origin("socket", uid=1000)
@@ -243,3 +243,26 @@ def test_rejection_logs_escape_client_text(caplog: pytest.LogCaptureFixture) -> 
     messages = [r.getMessage() for r in caplog.records]
     assert any("evil\\x0a<3>forged line" in m for m in messages)
     assert not any("\n" in m for m in messages)
+
+
+def test_an_error_reply_stays_small_whatever_the_command() -> None:
+    # Thousands of unknown fields, the first with a long name: unclipped, the reply would be
+    # several times the command (replies a client does not read are memory the agent holds).
+    fields: dict[str, Any] = {"g" * 20000: 0, **{f"f{i}": 0 for i in range(3500)}}
+    data = line(request_id="r1", **fields)
+    assert len(data) < 65536
+    reply = make()[0].prepare(data, SOCKET)
+    assert isinstance(reply, Reply) and code(reply) == "invalid_command"
+    error = reply.to_dict()["error"]
+    assert len(error["details"]) == MAX_DETAILS
+    assert error["details"][0] == {
+        "field": "g" * (MAX_DETAIL_CHARS - 1) + "…",
+        "reason": "unknown field",
+    }
+    assert error["details"][1] == {"field": "f0", "reason": "unknown field"}
+    assert len(error["message"]) == MAX_MESSAGE_CHARS and error["message"].endswith("…")
+    assert len(reply.encode()) < 8 * 1024
+    # Short texts are untouched.
+    small = make()[0].prepare(line(request_id="r2", extra=1), SOCKET)
+    assert isinstance(small, Reply) and small.error is not None
+    assert small.to_dict()["error"]["message"] == small.error.message
