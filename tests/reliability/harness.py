@@ -31,7 +31,7 @@ from tests.fixtures.daemon import AgentProcess, wait_for
 #: The event type every producer uses; other events (installation, sessions) are ignored.
 EVENT = "rel"
 #: Every error code a reply may carry (docs/protocol.md, "Replies").
-SPEC_ERROR_CODES = frozenset(
+DOCUMENTED_ERROR_CODES = frozenset(
     {
         "invalid_json",
         "invalid_command",
@@ -232,7 +232,7 @@ class SocketProducer(threading.Thread):
             else:
                 code = (reply.get("error") or {}).get("code")
                 self.refused[rid] = str(code)
-                if code not in SPEC_ERROR_CODES:
+                if code not in DOCUMENTED_ERROR_CODES:
                     self.bad_replies.append(line)
 
 
