@@ -121,7 +121,7 @@ class Daemon:
         self.dispatcher = Dispatcher(self.config, self.runner, self.queries)
         self.server = SocketServer(
             self.config.socket.path,
-            self.config.socket.mode,
+            self.config.socket.mode_bits,
             self.dispatcher,
             lambda: self.config.limits.max_command_bytes,
             self.config.socket.max_connections,

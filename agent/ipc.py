@@ -459,7 +459,7 @@ class SocketServer:
     def __init__(
         self,
         path: Path,
-        mode: str,
+        mode: int,
         dispatcher: Dispatcher,
         max_line_bytes: Callable[[], int],
         max_connections: int,
@@ -469,7 +469,7 @@ class SocketServer:
         max_pending_reply_bytes: int,
     ) -> None:
         self.path = path
-        self.mode = int(mode, 8)
+        self.mode = mode
         self.dispatcher = dispatcher
         self.max_line_bytes = max_line_bytes
         self.max_connections = max_connections
