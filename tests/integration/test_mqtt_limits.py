@@ -170,7 +170,11 @@ class RefuseMqtt5Relay:
             if head[8] == 5:
                 self.refused += 1
                 return
-            with socket.create_connection(("127.0.0.1", self.broker_port)) as upstream:
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+            except OSError:  # the broker is gone (teardown): hang up, as a dead broker does
+                return
+            with upstream:
                 upstream.sendall(head)
                 back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
                 back.start()
