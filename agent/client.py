@@ -171,18 +171,18 @@ def default_socket_path(config_path: str | os.PathLike[str] | None = None) -> Pa
     be read by this user, the packaged path /run/engagement-agent/agent.sock. Raises
     `agent.config.ConfigError` when the config has to be read and is invalid.
     """
-    from agent import config
+    from agent.config import load
 
     if config_path is None:
-        unreadable = config.DEFAULT_CONFIG_PATH.exists() and not os.access(
-            config.DEFAULT_CONFIG_PATH, os.R_OK
+        unreadable = load.DEFAULT_CONFIG_PATH.exists() and not os.access(
+            load.DEFAULT_CONFIG_PATH, os.R_OK
         )
         if unreadable:
             return Path(os.environ.get(SOCKET_PATH_ENV) or PACKAGED_SOCKET_PATH)
-        path = config.default_config_path()
+        path = load.default_config_path()
     else:
         path = Path(config_path)
-    return config.load_config(path).socket.path
+    return load.load_config(path).socket.path
 
 
 # -- the SDK's methods ----------------------------------------------------------------------

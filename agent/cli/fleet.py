@@ -183,7 +183,8 @@ def settings_from(ns: argparse.Namespace, options: Options) -> BrokerSettings:
     Without `--config` the system config is used only if this user may read it (it holds
     secrets); an operator's workstation usually has none and passes `--host` and friends.
     """
-    from agent.config import DEFAULT_CONFIG_PATH, MqttConfig
+    from agent.config import MqttConfig
+    from agent.config.load import DEFAULT_CONFIG_PATH
 
     if options.config is not None or os.access(DEFAULT_CONFIG_PATH, os.R_OK):
         mqtt = options.load_config().mqtt

@@ -32,7 +32,7 @@ def test_the_examples_run_against_the_agent(
 ) -> None:
     agent: AgentProcess = make_agent({"sync": {"flush_mode": "manual"}})
     agent.start()
-    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr("agent.config.load.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     monkeypatch.setenv("ENGAGEMENT_AGENT_SOCKET__PATH", str(agent.socket_path))
     examples = python_examples()
     assert len(examples) >= 3, examples

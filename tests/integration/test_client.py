@@ -142,7 +142,7 @@ def test_pipeline_of_large_replies_does_not_deadlock(agent: AgentProcess) -> Non
 def test_default_socket_is_found_like_the_cli(
     agent: AgentProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr("agent.config.load.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     monkeypatch.setenv("ENGAGEMENT_AGENT_SOCKET__PATH", str(agent.socket_path))
     with Client() as client:
         assert client.socket_path == agent.socket_path

@@ -126,7 +126,7 @@ def agent(short_dir: Path) -> Iterator[FakeAgent]:
 @pytest.fixture(autouse=True)
 def _no_system_config(monkeypatch: pytest.MonkeyPatch, short_dir: Path) -> None:
     """Keep the machine's /etc config and environment out of the tests."""
-    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", short_dir / "absent.toml")
+    monkeypatch.setattr("agent.config.load.DEFAULT_CONFIG_PATH", short_dir / "absent.toml")
     for name in list(os.environ):
         if name.startswith("ENGAGEMENT_AGENT_"):
             monkeypatch.delenv(name)

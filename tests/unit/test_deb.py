@@ -205,7 +205,7 @@ def test_cross_built_package(arch: str, tmp_path: Path) -> None:
     for path in compiled:
         assert elf_machine(path) == ELF_MACHINE[arch], path
     assert os.readlink(tree / PREFIX / "bin/python3") == "/usr/bin/python3.11"
-    pyc = next((tree / PREFIX / "lib").rglob("agent/__pycache__/config.cpython-311.pyc"))
+    pyc = next((tree / PREFIX / "lib").rglob("agent/config/__pycache__/load.cpython-311.pyc"))
     assert pyc.is_file()
     lintian_clean(built)
 
@@ -271,11 +271,11 @@ def test_installed_venv_works(installed: Path) -> None:
 
 def test_bytecode_names_installed_paths(installed: Path) -> None:
     site = next((installed / PREFIX / "lib").glob("python3.*/site-packages"))
-    pyc = next((site / "agent" / "__pycache__").glob("config.*.pyc"))
+    pyc = next((site / "agent" / "config" / "__pycache__").glob("load.*.pyc"))
     code = marshal.loads(pyc.read_bytes()[16:])
     assert (
         code.co_filename
-        == f"/{PREFIX}/{(site / 'agent/config.py').relative_to(installed / PREFIX)}"
+        == f"/{PREFIX}/{(site / 'agent/config/load.py').relative_to(installed / PREFIX)}"
     )
 
 
