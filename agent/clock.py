@@ -30,9 +30,14 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.wire import parse_http_date
+
+if TYPE_CHECKING:
+    # The rules read the `[clock]` section as loaded (never build one), so its keys and defaults
+    # have one home and this pure module needs no pydantic at run time.
+    from agent.config import ClockConfig
 
 #: adjtimex(2): return value meaning the clock is not synchronized.
 TIME_ERROR = 5
@@ -184,16 +189,6 @@ def better_anchor(current: Anchor | None, new: Anchor) -> Anchor:
 
 
 @dataclass(frozen=True)
-class ClockSettings:
-    """The `[clock]` config section."""
-
-    hold_unsynced: bool = True
-    max_hold: float = 6 * 3600.0
-    min_correction: float = 5.0
-    max_skew: float = 120.0
-
-
-@dataclass(frozen=True)
 class Stamp:
     """When and on which clock an item was accepted."""
 
@@ -221,7 +216,7 @@ class Decision:
     shift: float = 0.0
 
 
-def should_hold(kernel_synchronized: bool, anchor_known: bool, settings: ClockSettings) -> bool:
+def should_hold(kernel_synchronized: bool, anchor_known: bool, settings: ClockConfig) -> bool:
     """Is an item accepted now held until the true time is known?"""
     return settings.hold_unsynced and not kernel_synchronized and not anchor_known
 
@@ -234,7 +229,7 @@ def decide(
     current_boot: str,
     mono_now: float,
     started_mono: float,
-    settings: ClockSettings,
+    settings: ClockConfig,
 ) -> Decision:
     """The fate of one queued item now.
 
@@ -335,7 +330,7 @@ class ClockKeeper:
 
     boot_id: str
     started_mono: float
-    settings: ClockSettings
+    settings: ClockConfig
     kernel_synchronized: bool = False
     anchors: dict[str, Anchor] | None = None
     corrected: int = 0

@@ -34,7 +34,7 @@ from agent.queries import QueryRunner
 from agent.status import ConfigState, build_status, status_line
 from agent.store import Store, StoreError
 from agent.sync import Syncer
-from agent.timekeeper import Timekeeper, settings_of
+from agent.timekeeper import Timekeeper
 
 log = logging.getLogger("engagement_agent.daemon")
 
@@ -109,7 +109,7 @@ class Daemon:
     async def _serve(self) -> int:
         device_uuid = self.config.device_uuid or await self._device_uuid()
         device = read_device_info(device_uuid, self.config.device_type, __version__)
-        self.clock = Timekeeper(self.store, settings_of(self.config.clock))
+        self.clock = Timekeeper(self.store, self.config.clock)
         self.clock.load()
         self.engine = Engine(self.store, self.config, device, clock=self.clock)
         self.engine.load()
@@ -249,7 +249,7 @@ class Daemon:
         self.engine.reload(config)
         self.dispatcher.reload(config)
         self.syncer.reload(config)
-        self.clock.reload(settings_of(config.clock))
+        self.clock.reload(config.clock)
         if self.mqtt is not None:
             self.mqtt.reload(config)
         elif config.mqtt.enabled:

@@ -26,7 +26,6 @@ from agent import device
 from agent.clock import (
     Anchor,
     ClockKeeper,
-    ClockSettings,
     Decision,
     KernelClock,
     Releasable,
@@ -57,15 +56,6 @@ RELEASE_CHECK_SECONDS = 60.0
 MAX_ACCEPT_LAG = 60.0
 
 
-def settings_of(config: ClockConfig) -> ClockSettings:
-    return ClockSettings(
-        hold_unsynced=config.hold_unsynced,
-        max_hold=config.max_hold,
-        min_correction=config.min_correction,
-        max_skew=config.max_skew,
-    )
-
-
 def stamp_of(item: QueuedItem) -> Stamp:
     """How `decide` sees a stored item. A row without boot id or monotonic time (queued
     before schema version 2, or damaged) cannot be placed on any boot's clock: it counts as
@@ -79,7 +69,7 @@ class Timekeeper:
     def __init__(
         self,
         store: Store,
-        settings: ClockSettings,
+        settings: ClockConfig,
         *,
         boot_id: str | None = None,
         read_kernel: Callable[[], KernelClock | None] = read_kernel_clock,
@@ -131,7 +121,7 @@ class Timekeeper:
         if self._thread is not None:
             self._thread.join(2.0)
 
-    def reload(self, settings: ClockSettings) -> None:
+    def reload(self, settings: ClockConfig) -> None:
         with self._cond:
             self._keeper.settings = settings
             self._waiting = None

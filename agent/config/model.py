@@ -336,7 +336,8 @@ class MetricsConfig(_Section):
 
 class ClockConfig(_Section):
     """Holding and correcting items stamped by a clock that is not synchronized
-    (docs/tracking.md, "Timestamps on devices without a real-time clock")."""
+    (docs/tracking.md, "Timestamps on devices without a real-time clock"). The clock's pure
+    rules (`agent.clock`) take this section as it is."""
 
     hold_unsynced: bool = True
     max_hold: Annotated[float, Field(ge=0, le=7 * 24 * 3600.0)] = 6 * 3600.0

@@ -22,7 +22,6 @@ from agent.clock import (
     TIME_ERROR,
     Anchor,
     ClockKeeper,
-    ClockSettings,
     Decision,
     KernelClock,
     Release,
@@ -33,9 +32,10 @@ from agent.clock import (
     read_kernel_clock,
     shift_payload,
 )
+from agent.config import ClockConfig
 
 BOOT = "boot-a"
-SETTINGS = ClockSettings(hold_unsynced=True, max_hold=3600.0, min_correction=5.0, max_skew=120.0)
+SETTINGS = ClockConfig(hold_unsynced=True, max_hold=3600.0, min_correction=5.0, max_skew=120.0)
 SYNCED = KernelClock(state=0, status=0, maxerror_us=100_000)
 UNSYNCED = KernelClock(state=TIME_ERROR, status=STA_UNSYNC, maxerror_us=MAX_SYNCED_ERROR_US)
 TRUE_NOW = 1_767_225_600.0  # 2026-01-01
@@ -147,7 +147,7 @@ def test_an_earlier_boots_item_waits_from_the_agents_start() -> None:
 
 def test_items_not_held_go_at_once_and_holding_can_be_turned_off() -> None:
     stamp = Stamp(BOOT, accepted_mono=100.0, accepted_wall=86400.0)
-    off = ClockSettings(hold_unsynced=False)
+    off = ClockConfig(hold_unsynced=False)
     kw = dict(anchors={}, current_boot=BOOT, mono_now=101.0, started_mono=0.0)
     assert decide(stamp, False, settings=SETTINGS, **kw).release is Release.UNCHANGED  # type: ignore[arg-type]
     assert decide(stamp, True, settings=off, **kw).release is Release.UNCHANGED  # type: ignore[arg-type]

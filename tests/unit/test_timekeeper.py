@@ -17,18 +17,18 @@ from agent.clock import (
     STA_UNSYNC,
     Anchor,
     ClockKeeper,
-    ClockSettings,
     KernelClock,
     Release,
     boot_monotonic,
 )
+from agent.config import ClockConfig
 from agent.store import Store
 from agent.sync.transport import Response, TimeSample
 from agent.timekeeper import ANCHORS_META, Timekeeper, stamp_of
 from tests.fixtures.daemon import wait_for
 from tests.unit.test_store_helpers import P1, config, item
 
-SETTINGS = ClockSettings(hold_unsynced=True, max_hold=600.0, min_correction=5.0)
+SETTINGS = ClockConfig(hold_unsynced=True, max_hold=600.0, min_correction=5.0)
 SYNCED = KernelClock(state=0, status=0, maxerror_us=1000)
 UNSYNCED = KernelClock(state=5, status=STA_UNSYNC, maxerror_us=16_000_000)
 
@@ -78,7 +78,7 @@ def test_the_stores_release_filter_matches_decide(store: Store) -> None:
 
 def test_holding_off_releases_everything(store: Store) -> None:
     store.submit(lambda t: t.enqueue([item(0)], 1.0, boot_id="b", mono=1.0, held=True)).result()
-    keeper = ClockKeeper("b", 0.0, ClockSettings(hold_unsynced=False))
+    keeper = ClockKeeper("b", 0.0, ClockConfig(hold_unsynced=False))
     rule = keeper.releasable(2.0)
     assert len(store.read_batch(store.project_for(P1).id, 10, release=rule)) == 1
     assert store.held_waiting(rule) == 0
