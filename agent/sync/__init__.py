@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.store import ProjectRow, Store
+from agent.sync.commits import MAX_ACKS_IN_FLIGHT, FlushRequest
+from agent.sync.drain import Shared
 from agent.sync.schedule import SEVERITY, State
 from agent.sync.transport import USER_AGENT, Deadlines, HttpTransport, Transport
-from agent.sync.worker import MAX_ACKS_IN_FLIGHT, FlushRequest, Shared, Worker
+from agent.sync.worker import Worker
 
 if TYPE_CHECKING:  # the timekeeper imports this package's transport
     from agent.timekeeper import Timekeeper
