@@ -27,7 +27,9 @@ def answer(status: int, body: bytes, sent: int, **headers: str) -> wire.Verdict:
 
 
 def results(*success: bool) -> bytes:
-    per_command = [{"success": s, "errors": [] if s else ["Event type not allowed"]} for s in success]
+    per_command = [
+        {"success": s, "errors": [] if s else ["Event type not allowed"]} for s in success
+    ]
     return json.dumps({"success": True, "results": per_command}).encode()
 
 
