@@ -10,6 +10,8 @@ prefix (`label`).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from urllib3.util import parse_url
 
@@ -29,12 +31,13 @@ def label(base_url: str, token: str) -> str:
 
 
 class Journal:
-    """The log lines of one project's sync. Called from its worker's thread only."""
+    """The log lines of one project's sync. Called from its worker's thread only; `clock`
+    (monotonic seconds) times the rate limits."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.label = label
-        self._failures = RateLimitedLog(log, LOG_INTERVAL)
-        self._store = RateLimitedLog(log, LOG_INTERVAL)
+        self._failures = RateLimitedLog(log, LOG_INTERVAL, clock)
+        self._store = RateLimitedLog(log, LOG_INTERVAL, clock)
 
     def failed(self, outcome: Outcome, change: Change, attempts: int, max_backoff: float) -> None:
         """A failing outcome the schedule recorded as `change`; `attempts` in a row so far."""
