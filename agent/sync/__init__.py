@@ -258,8 +258,7 @@ class Syncer:
             with self._lock:
                 if self._stopping or row.id in self._workers:
                     continue
-                worker = Worker(self._shared, row)
-                worker.wake = wake
+                worker = Worker(self._shared, row, wake=wake)
                 self._workers[row.id] = worker
             worker.thread.start()
             spawned.append(worker)

@@ -41,6 +41,7 @@ from agent.sync.transport import (
     Unreachable,
     fetch_time,
 )
+from agent.sync.triggers import Job
 from agent.tracker.model import Project
 
 if TYPE_CHECKING:  # the timekeeper imports this package's transport
@@ -62,16 +63,6 @@ class Shared:
     uniform: Callable[[], float]
     new_transport: Callable[[], Transport]
     clock: Timekeeper | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    """Why a drain runs: `automatic` (not only flushes), `fresh` (woken by new items: a
-    partial batch may linger), and the flush requests it serves."""
-
-    automatic: bool
-    fresh: bool
-    flushes: list[FlushRequest]
 
 
 class Stopped(Exception):
@@ -341,4 +332,4 @@ class Drain:
         )
 
 
-__all__ = ["NO_PROJECT", "Drain", "Job", "Owner", "Shared", "Stopped", "resolve"]
+__all__ = ["NO_PROJECT", "Drain", "Owner", "Shared", "Stopped", "resolve"]

@@ -2,9 +2,10 @@
 
 One thread per project row. Other threads reach it only through its trigger methods (new
 items, flushes, reload, a network hint, stop, abort) and `status()`; the thread sleeps until
-one of them, or the project's schedule, says there is work, then runs a `Drain`
-(`agent.sync.drain`). The worker owns the project's `Schedule` (the pure state machine in
-`agent.sync.schedule`), feeds it what each drain came to, and tells the `Journal`.
+one of them, or the project's schedule, says there is work (`agent.sync.triggers` decides),
+then runs a `Drain` (`agent.sync.drain`). The worker owns the project's `Schedule` (the pure
+state machine in `agent.sync.schedule`), feeds it what each drain came to, and tells the
+`Journal`.
 
 Every wait is a `Condition` wait with a timeout on `time.monotonic()`: an idle worker sleeps
 until notified, a failing one until its retry time. The lock is never held across I/O, so
@@ -20,9 +21,10 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.store import ProjectRow
 from agent.sync.commits import FlushRequest
-from agent.sync.drain import Drain, Job, Shared, Stopped
+from agent.sync.drain import Drain, Shared, Stopped
 from agent.sync.journal import Journal, label
 from agent.sync.schedule import Kind, Outcome, Schedule, Settings
+from agent.sync.triggers import Job, Sleep, Triggers, next_step
 
 
 def settings_of(config: AgentConfig) -> Settings:
@@ -34,20 +36,14 @@ class Worker:
     """Uploads one project row's items. All mutable fields are guarded by `cond`; the lock is
     never held across I/O. Implements `agent.sync.drain.Owner` for its drains."""
 
-    def __init__(self, shared: Shared, row: ProjectRow) -> None:
+    def __init__(self, shared: Shared, row: ProjectRow, *, wake: bool = True) -> None:
+        """`wake`: items are (or may be) queued; false for a worker started for a flush."""
         self.shared = shared
         self.row = row
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name=f"sync-{row.id}", daemon=True)
-        # Triggers.
-        self.wake = True  # started because items are (or may be) queued
-        self.reloaded = False
-        self.stopping = False
-        self.aborted = False
-        self.flushes: list[FlushRequest] = []
-        # Timing (monotonic).
-        self.period_at: float | None = None
-        self.next_request_at = 0.0
+        self.triggers = Triggers(wake=wake)
+        self.next_request_at = 0.0  # monotonic: the pacing's next request slot
         self.schedule = Schedule()
         self.sent = 0
         self.journal = Journal(label(row.base_url, row.project_token))
@@ -58,7 +54,7 @@ class Worker:
 
     def notify(self) -> None:
         with self.cond:
-            self.wake = True
+            self.triggers.wake = True
             self.schedule.record(Outcome(Kind.QUEUED), time.monotonic(), self._settings(), 0.0)
             self.cond.notify_all()
 
@@ -67,14 +63,14 @@ class Worker:
             if not self.thread.is_alive() and self.thread.ident is not None:
                 request.done.set()
                 return
-            self.flushes.append(request)
+            self.triggers.flushes.append(request)
             self.cond.notify_all()
 
     def on_reload(self, row: ProjectRow | None) -> None:
         with self.cond:
             if row is not None:
                 self.row = row
-            self.reloaded = True
+            self.triggers.reloaded = True
             self.cond.notify_all()
 
     def network_hint(self) -> None:
@@ -84,14 +80,14 @@ class Worker:
 
     def begin_stop(self, final: FlushRequest) -> None:
         with self.cond:
-            self.stopping = True
-            self.flushes.append(final)
+            self.triggers.stopping = True
+            self.triggers.flushes.append(final)
             self.cond.notify_all()
 
     def abort(self) -> None:
         with self.cond:
-            self.aborted = True
-            self.stopping = True
+            self.triggers.aborted = True
+            self.triggers.stopping = True
             self.cond.notify_all()
         self.transport.abort()
 
@@ -100,7 +96,7 @@ class Worker:
             schedule = self.schedule
             next_at = schedule.retry_at
             if next_at is None and not schedule.waiting:
-                next_at = self.period_at
+                next_at = self.triggers.period_at
             return {
                 "project_token": self.row.project_token,
                 "base_url": self.row.base_url,
@@ -136,73 +132,40 @@ class Worker:
                         request.done.set()
         finally:
             with self.cond:
-                leftover, self.flushes = self.flushes, []
+                leftover, self.triggers.flushes = self.triggers.flushes, []
             for request in leftover:
                 request.done.set()
             self.transport.close()
 
     def _wait_for_work(self) -> Job | None:
-        """Sleep until there is something to do, or return None to exit. Flushes go ahead
-        even while the schedule waits: an operator asked for them."""
+        """Sleep until there is something to do, or return None to exit."""
         with self.cond:
             while True:
-                if self.flushes:
-                    flushes, self.flushes = self.flushes, []
-                    return Job(False, False, flushes)
-                if self.stopping:
-                    return None
-                config = self.shared.config.sync
-                manual = config.flush_mode == "manual"
-                now = time.monotonic()
-                schedule = self.schedule
-                if schedule.waiting:
-                    if self.reloaded:
-                        self.reloaded = False
-                        if schedule.reload() and not manual:
-                            return Job(True, False, [])
-                    if manual or schedule.retry_at is None:
-                        self.cond.wait()
-                    elif schedule.due(now):
-                        return Job(True, False, [])
-                    else:
-                        self.cond.wait(schedule.retry_at - now)
-                    continue
-                self.reloaded = False
-                if config.flush_mode == "immediate":
-                    self.period_at = None
-                    if self.wake:
-                        self.wake = False
-                        return Job(True, True, [])
-                    self.cond.wait()
-                elif config.flush_mode == "period":
-                    if self.period_at is None:
-                        self.period_at = now + config.flush_period
-                    if now >= self.period_at:
-                        self.period_at = now + config.flush_period
-                        self.wake = False
-                        return Job(True, False, [])
-                    self.cond.wait(self.period_at - now)
-                else:
-                    self.period_at = None
-                    self.cond.wait()
+                step = next_step(
+                    self.triggers, self.schedule, self.shared.config.sync, time.monotonic()
+                )
+                if not isinstance(step, Sleep):
+                    return step
+                self.cond.wait(step.timeout)
 
     # -- the drain's view (`agent.sync.drain.Owner`) ---------------------------------------
 
     def checkpoint(self) -> tuple[bool, list[FlushRequest]]:
         with self.cond:
-            if self.aborted:
+            if self.triggers.aborted:
                 raise Stopped
-            arrived, self.flushes = self.flushes, []
-            return self.stopping, arrived
+            arrived, self.triggers.flushes = self.triggers.flushes, []
+            return self.triggers.stopping, arrived
 
     def await_items(self, until: float) -> bool:
+        triggers = self.triggers
         with self.cond:
-            self.wake = False
+            triggers.wake = False
             woken = self.cond.wait_for(
-                lambda: self.wake or self.stopping or bool(self.flushes),
+                lambda: triggers.wake or triggers.stopping or bool(triggers.flushes),
                 until - time.monotonic(),
             )
-            return woken and not self.stopping and not self.flushes
+            return woken and not triggers.stopping and not triggers.flushes
 
     def pace(self, deadline: float | None) -> None:
         """At most `max_requests_per_second` request starts per second for this project."""
@@ -210,7 +173,7 @@ class Worker:
         with self.cond:
             if rate > 0:
                 while True:
-                    if self.aborted:
+                    if self.triggers.aborted:
                         raise Stopped
                     now = time.monotonic()
                     wait = self.next_request_at - now
@@ -220,12 +183,12 @@ class Worker:
                         raise Stopped
                     self.cond.wait(wait)
                 self.next_request_at = max(now, self.next_request_at) + 1.0 / rate
-            elif self.aborted:
+            elif self.triggers.aborted:
                 raise Stopped
 
     def stop_if_aborted(self) -> None:
         with self.cond:
-            if self.aborted:
+            if self.triggers.aborted:
                 raise Stopped
 
     def record(self, outcome: Outcome) -> None:
