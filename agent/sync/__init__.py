@@ -3,8 +3,11 @@
 `Syncer` is the daemon's only handle on sync. It keeps one worker thread per project row
 (base URL + project token, `agent.sync.worker`), each with its own connection, so a hung or
 misconfigured endpoint never delays another project. Each worker's state and retry times are
-a pure state machine (`agent.sync.schedule`); HTTP, deadlines and proxies are behind a small
-`Transport` seam (`agent.sync.transport`).
+a pure state machine (`agent.sync.schedule`), and so are when it drains
+(`agent.sync.triggers`) and what the API's answers do to a batch (`agent.sync.batch`); a
+drain (`agent.sync.drain`) moves items from the store to the API and the answers back
+(`agent.sync.commits`); HTTP, deadlines and proxies are behind a small `Transport` seam
+(`agent.sync.transport`). docs/architecture.md, "Inside a project's sync", draws the parts.
 """
 
 from __future__ import annotations
