@@ -83,8 +83,8 @@ def resolve(config: AgentConfig, row: ProjectRow) -> Project | None:
 
 
 class Owner(Protocol):
-    """What a drain asks of the worker that runs it. Each call takes the worker's lock
-    briefly; none is made while holding it."""
+    """What a drain asks of the worker that runs it. Every call takes the worker's lock (the
+    waits on its condition, releasing it while they wait); the drain holds no lock itself."""
 
     @property
     def row(self) -> ProjectRow: ...
