@@ -3,8 +3,11 @@
 `Syncer` is the daemon's only handle on sync. It keeps one worker thread per project row
 (base URL + project token, `agent.sync.worker`), each with its own connection, so a hung or
 misconfigured endpoint never delays another project. Each worker's state and retry times are
-a pure state machine (`agent.sync.schedule`); HTTP, deadlines and proxies are behind a small
-`Transport` seam (`agent.sync.transport`).
+a pure state machine (`agent.sync.schedule`), and so are when it drains
+(`agent.sync.triggers`) and what the API's answers do to a batch (`agent.sync.batch`); a
+drain (`agent.sync.drain`) moves items from the store to the API and the answers back
+(`agent.sync.commits`); HTTP, deadlines and proxies are behind a small `Transport` seam
+(`agent.sync.transport`). docs/architecture.md, "Inside a project's sync", draws the parts.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.store import ProjectRow, Store
+from agent.sync.commits import MAX_ACKS_IN_FLIGHT, FlushRequest
+from agent.sync.drain import Shared
 from agent.sync.schedule import SEVERITY, State
 from agent.sync.transport import USER_AGENT, Deadlines, HttpTransport, Transport
-from agent.sync.worker import MAX_ACKS_IN_FLIGHT, FlushRequest, Shared, Worker
+from agent.sync.worker import Worker
 
 if TYPE_CHECKING:  # the timekeeper imports this package's transport
     from agent.timekeeper import Timekeeper
@@ -256,8 +261,7 @@ class Syncer:
             with self._lock:
                 if self._stopping or row.id in self._workers:
                     continue
-                worker = Worker(self._shared, row)
-                worker.wake = wake
+                worker = Worker(self._shared, row, wake=wake)
                 self._workers[row.id] = worker
             worker.thread.start()
             spawned.append(worker)

@@ -1,6 +1,6 @@
 """HTTP to the Engagement API: deadlines, proxies, and one place where errors get their names.
 
-The uploader (`agent.sync.worker`) talks to a `Transport`: a request goes in, a `Response`
+The uploader (`agent.sync.drain`) talks to a `Transport`: a request goes in, a `Response`
 comes out, or a `TransportError` says what went wrong. `HttpTransport` is the real one
 (urllib3); tests of the uploader's policies hand it a fake with the same three methods. Every
 urllib3 and socket exception is translated in `_translate`, so the rest of sync knows only:
