@@ -21,6 +21,9 @@ private Mosquitto on a free port.
   by its own virtualenv (`opt/engagement-agent/bin/python3` is Debian 12's
   /usr/bin/python3.11, which must exist here), with MQTT off and on. That is the memory a
   device sees; the development venv's interpreter and packages differ.
+- idle RSS after traffic: the MQTT-on daemon (the package's, when measured) then takes 40,000
+  pipelined `track_event`s over the socket, uploads them all to the stand-in, and is measured
+  10 s later: what a device that has worked holds while idle.
 - idle CPU and wake-ups: over a window (60 s) with nothing to do; wake-ups are the sum of
   voluntary + involuntary context switches of every thread (/proc/<pid>/task/*/status), per
   second; the per-thread split (named with `py-spy dump` when available) is printed.
@@ -56,8 +59,10 @@ from bench_socket import (
     api_stub,
     daemon_config,
     make_row,
+    pipelined,
     print_rows,
     stub_reset,
+    wait_empty,
     write_json,
 )
 
@@ -69,6 +74,9 @@ from tests.fixtures.mosquitto import MosquittoBroker
 WATCHDOG_ENV = {"WATCHDOG_USEC": "30000000"}
 #: How the rows name the daemons run by the package's virtualenv.
 DEB_VENV = "the .deb's virtualenv"
+#: Commands (socket, pipelined, uploaded to the stand-in) before the "after traffic" RSS.
+TRAFFIC_COMMANDS = 40_000
+TRAFFIC_CONNECTIONS = 4
 
 
 # -- /proc -------------------------------------------------------------------------------------
@@ -239,6 +247,12 @@ def idle(
                     for tid, n in sorted(per_thread.items(), key=lambda kv: -kv[1])
                 },
             )
+        # The device's daemon once it has worked: commands in, all uploaded, idle again.
+        worked = f"MQTT on, {DEB_VENV}" if deb is not None else "MQTT on"
+        pipelined(agents[worked], TRAFFIC_CONNECTIONS, TRAFFIC_COMMANDS // TRAFFIC_CONNECTIONS)
+        wait_empty(agents[worked], url, 300)
+        time.sleep(10)
+        results[worked]["rss_after_traffic"] = rss_mib(pids[worked])
     return results
 
 
@@ -366,6 +380,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     note=f"{result['rss_end']:.1f} MiB after the idle window",
                 )
             )
+            if "rss_after_traffic" in result:
+                rows.append(
+                    make_row(
+                        f"idle RSS 10 s after {TRAFFIC_COMMANDS:,} commands uploaded, {name}",
+                        [result["rss_after_traffic"]],
+                        "MiB",
+                        better="lower",
+                        digits=1,
+                        note="socket, pipelined; the target is measured at start, above",
+                    )
+                )
         for name, result in idle_results.items():
             if DEB_VENV in name:  # the same daemon as above; only its memory differs
                 continue
