@@ -3,6 +3,8 @@
     python3 bench/bench_daemon.py              # ~2 minutes
     python3 bench/bench_daemon.py --quick      # 3 starts, 15 s idle window
     python3 bench/bench_daemon.py --million    # plus the 1,000,000-item backlog (~2 more minutes)
+    python3 bench/bench_daemon.py --build-deb  # plus the .deb's own virtualenv (~30 s to build)
+    python3 bench/bench_daemon.py --deb dist/engagement-agent_0.2.0_amd64.deb
     python3 bench/bench_daemon.py --json out.json
 
 The real daemon as a subprocess (`python3 -m agent.cli run`), readiness from its own
@@ -13,7 +15,15 @@ private Mosquitto on a free port.
 
 - start: wall time from `Popen` to `READY=1` (interpreter start and imports included), on an
   existing database (a restart); the first, creating start is reported separately.
-- idle RSS: `VmRSS` from /proc/<pid>/status 10 s after READY.
+- idle RSS: `VmRSS` from /proc/<pid>/status 10 s after READY. With `--deb PATH` (a package
+  built by deploy/build-deb.sh for this machine's architecture) or `--build-deb` (build one
+  first), also the daemon of that package: unpacked with `dpkg-deb -x` (no root needed) and run
+  by its own virtualenv (`opt/engagement-agent/bin/python3` is Debian 12's
+  /usr/bin/python3.11, which must exist here), with MQTT off and on. That is the memory a
+  device sees; the development venv's interpreter and packages differ.
+- idle RSS after traffic: the MQTT-on daemon (the package's, when measured) then takes 40,000
+  pipelined `track_event`s over the socket, uploads them all to the stand-in, and is measured
+  10 s later: what a device that has worked holds while idle.
 - idle CPU and wake-ups: over a window (60 s) with nothing to do; wake-ups are the sum of
   voluntary + involuntary context switches of every thread (/proc/<pid>/task/*/status), per
   second; the per-thread split (named with `py-spy dump` when available) is printed.
@@ -49,16 +59,24 @@ from bench_socket import (
     api_stub,
     daemon_config,
     make_row,
+    pipelined,
     print_rows,
     stub_reset,
+    wait_empty,
     write_json,
 )
 
 from tests.fixtures.daemon import AgentProcess
+from tests.fixtures.debian import PREFIX, REPO, build_deb
 from tests.fixtures.mosquitto import MosquittoBroker
 
 #: What systemd passes for the unit's `WatchdogSec=30`.
 WATCHDOG_ENV = {"WATCHDOG_USEC": "30000000"}
+#: How the rows name the daemons run by the package's virtualenv.
+DEB_VENV = "the .deb's virtualenv"
+#: Commands (socket, pipelined, uploaded to the stand-in) before the "after traffic" RSS.
+TRAFFIC_COMMANDS = 40_000
+TRAFFIC_CONNECTIONS = 4
 
 
 # -- /proc -------------------------------------------------------------------------------------
@@ -124,11 +142,34 @@ def thread_names(pid: int) -> dict[int, str]:
     return names
 
 
+# -- the .deb's own virtualenv ------------------------------------------------------------------
+@contextmanager
+def deb_command(deb: Path | None, build: bool) -> Iterator[list[str] | None]:
+    """The command that runs the CLI of a built package's virtualenv, unpacked in a temp dir:
+    `[its bin/python3, its bin/engagement-agent]`; None when neither option asks for it."""
+    if deb is None and not build:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-deb-") as tmp:
+        if deb is None:
+            print("building the .deb with deploy/build-deb.sh ...", flush=True)
+            deb = build_deb(REPO, Path(tmp) / "dist")
+        root = Path(tmp) / "root"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        venv = root / PREFIX
+        python = venv / "bin" / "python3"
+        if not python.exists():  # a link to the target's interpreter, absent on this host
+            raise SystemExit(f"{deb}: {python} links to {os.readlink(python)}, not on this host")
+        yield [str(python), str(venv / "bin" / "engagement-agent")]
+
+
 # -- measurements ------------------------------------------------------------------------------
 @contextmanager
-def agent_in(directory: Path, config: dict[str, Any]) -> Iterator[AgentProcess]:
+def agent_in(
+    directory: Path, config: dict[str, Any], command: list[str] | None = None
+) -> Iterator[AgentProcess]:
     directory.mkdir(parents=True, exist_ok=True)
-    agent = AgentProcess(directory, config)
+    agent = AgentProcess(directory, config, command)
     try:
         yield agent
     finally:
@@ -152,36 +193,35 @@ def start_times(url: str, runs: int) -> tuple[float, list[float]]:
     return times[0], times[1:]
 
 
-def idle(url: str, broker_port: int, window: float) -> dict[str, dict[str, Any]]:
-    """Two idle daemons side by side (MQTT off / on): RSS at READY + 10 s, then CPU and
-    context switches over `window` seconds in which nobody talks to them."""
+def idle(
+    url: str, broker_port: int, window: float, deb: list[str] | None
+) -> dict[str, dict[str, Any]]:
+    """Idle daemons side by side (MQTT off / on; with `deb`, also the package's): RSS at
+    READY + 10 s, then CPU and context switches over `window` seconds in which nobody talks
+    to them."""
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp, ExitStack() as stack:
-        # sqlite-utils imports numpy when it can; this machine has numpy installed system-wide,
-        # a device's venv (`pip install .`, the .deb) does not. A package that fails to import
-        # stands in for "not installed".
-        hidden = Path(tmp) / "hide-numpy" / "numpy"
-        hidden.mkdir(parents=True)
-        (hidden / "__init__.py").write_text('raise ImportError("hidden by bench_daemon")\n')
-        no_numpy = {**WATCHDOG_ENV, "PYTHONPATH": str(hidden.parent)}
         mqtt_on = {"enabled": True, "host": "127.0.0.1", "port": broker_port}
+        variants: list[tuple[str, dict[str, Any], list[str] | None]] = [
+            ("MQTT off", {"enabled": False}, None),
+            ("MQTT on", mqtt_on, None),
+        ]
+        if deb is not None:
+            variants += [
+                (f"MQTT off, {DEB_VENV}", {"enabled": False}, deb),
+                (f"MQTT on, {DEB_VENV}", {**mqtt_on, "client_id": "bench-deb"}, deb),
+            ]
         agents = {}
-        envs = {}
-        for name, mqtt, env in (
-            ("MQTT off", {"enabled": False}, WATCHDOG_ENV),
-            ("MQTT on", mqtt_on, WATCHDOG_ENV),
-            ("MQTT on, without numpy", {**mqtt_on, "client_id": "bench-2"}, no_numpy),
-        ):
-            directory = Path(tmp) / name.replace(" ", "-").replace(",", "")
+        for name, mqtt, command in variants:
+            directory = Path(tmp) / name.replace(" ", "-").replace(",", "").replace("'", "")
             config = daemon_config(directory, url, {"sync": {}, "mqtt": mqtt})
-            agents[name] = stack.enter_context(agent_in(directory, config))
-            envs[name] = env
+            agents[name] = stack.enter_context(agent_in(directory, config, command))
         ready_at = {}
         for name, agent in agents.items():
-            agent.start(env=envs[name])
+            agent.start(env=WATCHDOG_ENV)
             ready_at[name] = time.monotonic()
         deadline = time.monotonic() + 15
-        while not all(a.status()["mqtt"]["connected"] for n, a in agents.items() if "on" in n):
+        while not all(a.status()["mqtt"]["connected"] for n, a in agents.items() if "MQTT on" in n):
             if time.monotonic() > deadline:
                 raise RuntimeError("the agent did not connect to the broker")
             time.sleep(0.1)
@@ -207,6 +247,12 @@ def idle(url: str, broker_port: int, window: float) -> dict[str, dict[str, Any]]
                     for tid, n in sorted(per_thread.items(), key=lambda kv: -kv[1])
                 },
             )
+        # The device's daemon once it has worked: commands in, all uploaded, idle again.
+        worked = f"MQTT on, {DEB_VENV}" if deb is not None else "MQTT on"
+        pipelined(agents[worked], TRAFFIC_CONNECTIONS, TRAFFIC_COMMANDS // TRAFFIC_CONNECTIONS)
+        wait_empty(agents[worked], url, 300)
+        time.sleep(10)
+        results[worked]["rss_after_traffic"] = rss_mib(pids[worked])
     return results
 
 
@@ -286,6 +332,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--window", type=float, default=None, help="idle seconds (default 60)")
     parser.add_argument("--million", action="store_true", help="the 1,000,000-item backlog run")
     parser.add_argument("--million-items", type=int, default=1_000_000)
+    parser.add_argument(
+        "--deb", type=Path, default=None, help="also measure this package's virtualenv"
+    )
+    parser.add_argument(
+        "--build-deb",
+        action="store_true",
+        help="build the .deb (deploy/build-deb.sh) and measure its virtualenv",
+    )
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args(argv)
     starts = args.starts or (3 if args.quick else 7)
@@ -295,6 +349,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:
         url = stack.enter_context(api_stub())
         broker = stack.enter_context(MosquittoBroker(Path(tmp)))
+        deb = stack.enter_context(deb_command(args.deb, args.build_deb))
 
         cold, warm = start_times(url, starts)
         rows.append(
@@ -309,14 +364,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 note=f"first start, creating the database: {cold:.2f} s",
             )
         )
-        idle_results = idle(url, broker.port, window)
+        idle_results = idle(url, broker.port, window, deb)
         for name, result in idle_results.items():
             rows.append(
                 make_row(
                     f"idle RSS 10 s after READY, {name}",
                     [result["rss"]],
                     "MiB",
-                    target=45,
+                    # The target is the package's (what a device runs); without it, the tree's.
+                    target=45 if deb is None or DEB_VENV in name else None,
                     better="lower",
                     digits=1,
                     baseline=33,
@@ -324,8 +380,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     note=f"{result['rss_end']:.1f} MiB after the idle window",
                 )
             )
+            if "rss_after_traffic" in result:
+                rows.append(
+                    make_row(
+                        f"idle RSS 10 s after {TRAFFIC_COMMANDS:,} commands uploaded, {name}",
+                        [result["rss_after_traffic"]],
+                        "MiB",
+                        better="lower",
+                        digits=1,
+                        note="socket, pipelined; the target is measured at start, above",
+                    )
+                )
         for name, result in idle_results.items():
-            if "numpy" in name:  # the same daemon as "MQTT on"; only its memory differs
+            if DEB_VENV in name:  # the same daemon as above; only its memory differs
                 continue
             busiest = ", ".join(
                 f"{thread} {rate:.2f}/s" for thread, rate in result["threads"].items() if rate

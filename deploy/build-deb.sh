@@ -119,10 +119,6 @@ if ! "${PIP[@]}" download --quiet ${PIP_ARGS:-} --only-binary=:all: "${PLATFORMS
     exit 1
 fi
 
-# sqlite-utils requires pip (for its own `install` command, which the agent never runs), and
-# nothing needs setuptools at run time: neither goes into the package.
-rm -f "$WORK"/target/pip-*.whl "$WORK"/target/setuptools-*.whl
-
 # The virtualenv, laid out by hand (the target's python cannot run here): the wheels unpacked
 # into site-packages, and the interpreter linked to the target's /usr/bin/python3.11, pinned
 # so that a later change of /usr/bin/python3 does not swap the interpreter under the wheels.
@@ -210,7 +206,7 @@ Files: opt/engagement-agent/lib/*
 Copyright: the authors of each bundled Python package
 License: various
  The bundled virtualenv holds paho-mqtt (EPL-2.0 or EDL-1.0), pydantic and pydantic-core
- (MIT), sqlite-utils (Apache-2.0), urllib3 (MIT), sdnotify (MIT) and their dependencies; each
+ (MIT), urllib3 (MIT), prometheus_client (Apache-2.0), sdnotify (MIT) and their dependencies; each
  package's licence is in its *.dist-info directory under
  /opt/engagement-agent/lib/python3.11/site-packages/.
 

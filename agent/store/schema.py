@@ -269,12 +269,9 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     `state(app, json)`. Queued rows keep their ids so anything that remembered an id still
     finds it, and new ids continue after them.
     """
-    # Imported here, not at module level: sqlite-utils pulls in numpy when it is installed
-    # (~10 MiB of RSS), and the agent only needs it when a migration runs.
-    import sqlite_utils
-
-    db = sqlite_utils.Database(conn)
-    tables = set(db.table_names())
+    tables = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
     # Statement by statement: executescript() would COMMIT the caller's transaction.
     for statement in _SCHEMA_V1.split(";"):
         if statement.strip():
@@ -293,7 +290,8 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
             "ORDER BY q.id"
         )
         conn.execute("DROP TABLE queue")
-        log.info("migrated %d queued items from the pre-release layout", db["outbox"].count)
+        (count,) = conn.execute("SELECT count(*) FROM outbox").fetchone()
+        log.info("migrated %d queued items from the pre-release layout", count)
     if "state" in tables:
         conn.execute("INSERT OR REPLACE INTO app_states (app, state) SELECT app, json FROM state")
         conn.execute("DROP TABLE state")

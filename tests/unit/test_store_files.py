@@ -215,11 +215,15 @@ def make_v0(path: Path, rows: int) -> None:
     conn.close()
 
 
-def test_migration_from_v0_keeps_the_backlog(tmp_path: Path) -> None:
+def test_migration_from_v0_keeps_the_backlog(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = config(tmp_path, max_bytes=10**7)
     make_v0(Path(cfg.path), 250)
     s = Store(cfg)
-    s.open()
+    with caplog.at_level(logging.INFO, logger="engagement_agent.store"):
+        s.open()
+    assert "migrated 250 queued items from the pre-release layout" in caplog.messages
     try:
         items = s.list_items(limit=1000)
         assert [i.id for i in items] == list(range(5, 255))
