@@ -18,7 +18,6 @@ from agent.store.writer_state import (
     ProjectKey,
     Row,
     WriterState,
-    project_key,
     write_buffers,
 )
 from agent.tracker.model import AppState, OutboundItem, Project
@@ -412,7 +411,7 @@ class Txn:
         """The row for (base_url, project_token), created if new. The authorization token is
         not stored: the uploader takes credentials from the current config."""
         self._check()
-        key = project_key(project)
+        key = project.key
         state = self._state
         row = (
             self.new_projects.get(key) or state.staged_projects.get(key) or state.projects.get(key)
