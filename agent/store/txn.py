@@ -132,7 +132,7 @@ class Txn:
         total = 0
         encode = self._state.encode
         for item in items:
-            payload = encode(item.payload)
+            payload = bytearray(encode(item.payload))  # see `Row`
             encoded.append((self.project_for(item.project).id, _kind(item.payload), payload))
             total += len(payload)
         counters = self._state.counters
