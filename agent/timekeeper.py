@@ -151,14 +151,19 @@ class Timekeeper:
     # -- the writer ------------------------------------------------------------------------
 
     def stamp(self, now: float) -> tuple[str, float, bool]:
-        """(boot id, monotonic time, held) for items accepted at wall time `now`."""
+        """(boot id, monotonic time, held) for items accepted at wall time `now`.
+
+        Called for every command, so the hold decision is read without the lock: it reads a
+        few attributes the GIL keeps whole, and a decision a moment stale is the one the
+        command would have had a moment earlier. The lock is taken only to wake the release
+        check for the first held items."""
         mono = boot_monotonic()
         lag = time.time() - now
         if 0.0 <= lag <= MAX_ACCEPT_LAG:
             mono -= lag
-        with self._cond:
-            held = self._keeper.hold_new_items()
-            if held and self._waiting is None:
+        held = self._keeper.hold_new_items()
+        if held and self._waiting is None:
+            with self._cond:
                 self._cond.notify_all()  # the release check's interval may shorten now
         return self._keeper.boot_id, mono, held
 

@@ -29,7 +29,7 @@ from agent.store.model import (
 )
 from agent.store.reads import StoreReads
 from agent.store.txn import Txn
-from agent.store.writer_state import UPSERT_META, Counters, WriterState, project_key
+from agent.store.writer_state import UPSERT_META, Counters, WriterState
 from agent.tracker.model import Project
 
 T = TypeVar("T")
@@ -693,7 +693,7 @@ class Store(StoreReads):
         """
         state = self._writer
         if state is not None:
-            row = state.projects.get(project_key(project))
+            row = state.projects.get(project.key)
             if row is not None:
                 return row
         if self._thread is not None and threading.current_thread() is self._thread:

@@ -18,7 +18,6 @@ from agent.store.writer_state import (
     ProjectKey,
     Row,
     WriterState,
-    project_key,
     write_buffers,
 )
 from agent.tracker.model import AppState, OutboundItem, Project
@@ -133,7 +132,7 @@ class Txn:
         total = 0
         encode = self._state.encode
         for item in items:
-            payload = encode(item.payload)
+            payload = bytearray(encode(item.payload))  # see `Row`
             encoded.append((self.project_for(item.project).id, _kind(item.payload), payload))
             total += len(payload)
         counters = self._state.counters
@@ -412,7 +411,7 @@ class Txn:
         """The row for (base_url, project_token), created if new. The authorization token is
         not stored: the uploader takes credentials from the current config."""
         self._check()
-        key = project_key(project)
+        key = project.key
         state = self._state
         row = (
             self.new_projects.get(key) or state.staged_projects.get(key) or state.projects.get(key)
