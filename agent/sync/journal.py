@@ -57,7 +57,8 @@ class Journal:
                     "sync for %s paused: %s; its items are kept, retrying every %g s and after "
                     "a config reload",
                     self.label,
-                    outcome.reason,
+                    # A refused batch's reason is status's `last_error`, which says "paused: ".
+                    outcome.reason.removeprefix("paused: "),
                     max_backoff,
                 )
             return

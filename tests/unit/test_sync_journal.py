@@ -94,10 +94,17 @@ def test_the_recovery_is_logged_and_the_next_failure_is_news_again(
     ]
 
 
-def test_a_pause_is_logged_once_and_its_end_at_info(lines: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "reason",
+    ["HTTP 401: Could not authenticate", "paused: HTTP 401: Could not authenticate"],
+    ids=["probe", "batch"],
+)
+def test_a_pause_is_logged_once_and_its_end_at_info(
+    lines: pytest.LogCaptureFixture, reason: str
+) -> None:
     rig = Rig()
     for _ in range(3):
-        rig.fail(Outcome(Kind.REFUSED, "HTTP 401: Could not authenticate"))
+        rig.fail(Outcome(Kind.REFUSED, reason))
     rig.deliver()
     assert messages(lines) == [
         (
