@@ -24,6 +24,8 @@ from tests.unit import test_cli
 _no_system_config = test_cli._no_system_config
 short_dir = test_cli.short_dir
 
+#: When the statuses were published: set by `fleet` (a suite under load may reach a test
+#: minutes after import, and the table shows ages to the minute).
 NOW = time.time()
 
 
@@ -55,6 +57,8 @@ def publish_retained(broker: MosquittoBroker, topic: str, payload: bytes | str) 
 @pytest.fixture
 def fleet(mosquitto: MosquittoBroker) -> MosquittoBroker:
     """Four devices as an operator finds them: healthy, stuck, gone, and broken."""
+    global NOW
+    NOW = time.time()
     publish_retained(mosquitto, "engagement/kiosk-001/status", json.dumps(status()))
     stuck = status(
         version="0.1.0",
