@@ -368,6 +368,23 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def python_speed() -> float:
+    """Seconds for a fixed pure-Python loop (10 million additions), best of 3.
+
+    Shared VMs differ, and the same VM differs from day to day, by a factor of two or more in
+    what one core does; the CPU-bound rows (commands per second, µs per command) move with
+    it. Recorded at the start and the end of every run so that runs on different machines
+    (and a run whose machine changed speed half-way) can be told apart."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def machine() -> str:
     cpu = "unknown"
     try:
@@ -386,7 +403,13 @@ def machine() -> str:
     )
 
 
-def summary(rows: list[Row], benches_run: list[Bench], argv: list[str], minutes: float) -> str:
+def summary(
+    rows: list[Row],
+    benches_run: list[Bench],
+    argv: list[str],
+    minutes: float,
+    speed: tuple[float, float],
+) -> str:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     commands = "\n".join(
         f"    {' '.join(b.command())}" + (f"    # × {b.repeats}" if b.repeats > 1 else "")
@@ -406,6 +429,10 @@ def summary(rows: list[Row], benches_run: list[Bench], argv: list[str], minutes:
             f"{minutes:.1f} minutes; {verdict}.",
             "",
             f"Machine: {machine()}.",
+            "",
+            f"Python speed (bench/run.py `python_speed`: a 10-million-iteration loop, best of 3): "
+            f"{speed[0]:.2f} s at the start, {speed[1]:.2f} s at the end. CPU-bound rows scale "
+            "with it: compare runs on different days by this figure first.",
             "",
             "Commands it ran (each benchmark in its own process; medians over the runs shown):",
             "",
@@ -440,17 +467,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    speed_at_start = python_speed()
     todo = benches(args.quick, args.million)
     if args.only is not None:
         todo = [b for b in todo if b.name in args.only]
     rows: list[Row] = []
     for bench in todo:
         rows += run_bench(bench)
+    speed = (speed_at_start, python_speed())
     minutes = (time.monotonic() - started) / 60
     flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write"]
-    text = summary(rows, todo, flags, minutes)
+    text = summary(rows, todo, flags, minutes, speed)
     print("\n" + table(rows))
     print(f"\n{minutes:.1f} minutes; machine: {machine()}")
+    print(f"python speed: {speed[0]:.2f} s at the start, {speed[1]:.2f} s at the end")
     if not args.no_write:
         write_doc(text)
         print(f"summary written to {DOC.relative_to(REPO)}")
