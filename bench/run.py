@@ -271,6 +271,7 @@ def benches(quick: bool, million: bool) -> list[Bench]:
         result.append(Bench("mqtt", "bench_mqtt.py", mqtt_args, mqtt_rows, output="stdout"))
     result += [
         Bench("socket", "bench_socket.py", socket_args, json_rows),
+        Bench("instructions", "bench_instructions.py", ["--quick"] if quick else [], json_rows),
         Bench("daemon", "bench_daemon.py", daemon_args, json_rows),
         Bench("hostile", "bench_hostile.py", ["--quick"] if quick else [], json_rows),
         Bench("flash", "bench_flash.py", flash_args, flash_rows),
