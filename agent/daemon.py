@@ -226,6 +226,10 @@ class Daemon:
         self.notifier.reloading()
         try:
             config = await self._loop.run_in_executor(self._control, load_config, self.config_path)
+            problem = self.server.line_limit_problem(config.limits.max_command_bytes)
+            if problem is not None:
+                source = str(self.config_path or "built-in defaults")
+                raise ConfigError([("limits.max_command_bytes", problem)], source)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.reload_error = str(exc)

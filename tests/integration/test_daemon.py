@@ -75,6 +75,30 @@ def test_sighup_with_an_invalid_file_keeps_the_running_config(make_agent: Any) -
     assert agent.request({"command": "track_event", "name": "still-works"})["ok"]
 
 
+def test_reload_cannot_raise_the_line_limit_past_what_the_running_socket_admits(
+    make_agent: Any,
+) -> None:
+    """Socket settings apply at restart only: a file that lowers socket.max_connections and
+    raises limits.max_command_bytes is valid, but the running agent still admits the old
+    number of connections, each with a partial line of the new size."""
+    agent: AgentProcess = make_agent(
+        {"socket": {"max_connections": 256}, "limits": {"max_command_bytes": 65536}}
+    )
+    agent.start()
+    agent.write_config(
+        {"socket": {"max_connections": 16}, "limits": {"max_command_bytes": 1024 * 1024}}
+    )
+    assert cli("check-config", "--config", str(agent.config_path)).returncode == 0
+    agent.notifications.clear()
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGHUP)
+    agent.wait_notification("READY=1")
+    error = agent.status()["config"]["reload_error"]
+    assert "limits.max_command_bytes" in error and "socket.max_connections = 256" in error
+    big = {"command": "track_event", "name": "big", "properties": {"blob": "x" * 100_000}}
+    assert agent.request(big)["error"]["code"] == "too_large"  # the running limit holds
+
+
 def test_invalid_config_exits_78_listing_every_problem(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(
