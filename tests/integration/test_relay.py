@@ -126,3 +126,41 @@ def test_refuse_closes_the_listener_and_resets_connections(
     with connect(relay) as sock:
         sock.sendall(b"again")
         assert recv_exactly(sock, 5) == b"again"
+
+
+def test_reset_resets_open_and_new_connections(
+    make_relay: Callable[[int], Relay], echo_port: int
+) -> None:
+    relay = make_relay(echo_port)
+    with connect(relay) as sock:
+        sock.sendall(b"1")
+        assert recv_exactly(sock, 1) == b"1"
+        relay.set_mode(Mode.RESET)
+        with pytest.raises(ConnectionResetError):
+            sock.sendall(b"x")
+            sock.recv(1)
+        # Accepted, then reset (not refused: the listener is still there). The reset can beat
+        # the end of connect() itself.
+        with pytest.raises(ConnectionResetError), connect(relay) as fresh:
+            fresh.sendall(b"x")
+            fresh.recv(1)
+    relay.set_mode(Mode.PASS)
+    with connect(relay) as sock:
+        sock.sendall(b"again")
+        assert recv_exactly(sock, 5) == b"again"
+
+
+def test_a_screen_sees_the_first_bytes_and_may_hang_up(
+    make_relay: Callable[..., Relay], echo_port: int
+) -> None:
+    def screen(client: socket.socket) -> bytes | None:
+        head = recv_exactly(client, 3)
+        return None if head == b"no!" else head
+
+    relay = make_relay(echo_port, screen=screen)
+    with connect(relay) as sock:
+        sock.sendall(b"yes, please")
+        assert recv_exactly(sock, 11) == b"yes, please"  # the screened bytes come first
+    with connect(relay) as sock:
+        sock.sendall(b"no!")
+        assert sock.recv(1) == b""  # a FIN, not a reset
