@@ -50,6 +50,13 @@ DEVICE_ID = "test-device"  # the make_agent fixture's device_id
 BROKER_CONFIG = ("max_queued_messages 0", "max_queued_bytes 0")
 
 
+def seeded() -> random.Random:
+    """A fresh random source whose seed is printed, so a failing round can be replayed."""
+    seed = random.randrange(1 << 32)
+    print(f"random seed {seed}")
+    return random.Random(seed)
+
+
 def rounds(sample: int, full: int) -> list[Any]:
     """Parametrize values: a short `sample` run by default, a long one under `-m full`.
 
@@ -259,6 +266,21 @@ def join_producers(producers: Iterable[SocketProducer], timeout: float = 120) ->
     for producer in producers:
         producer.join(timeout)
         assert not producer.is_alive(), f"{producer.name} did not finish in {timeout} s"
+
+
+def wait_ingest_progress(
+    agent: AgentProcess, producers: Iterable[SocketProducer], more: int, what: str
+) -> int:
+    """Until the producers together have `more` acks than now; returns the count before, so a
+    fault injected next lands while ingest is in full swing."""
+    producers = list(producers)
+    before = sum(p.acked_count() for p in producers)
+    wait_for(
+        lambda: sum(p.acked_count() for p in producers) >= before + more,
+        30,
+        f"{what}\n{agent.log()[-3000:]}",
+    )
+    return before
 
 
 def acked_ids(producers: Iterable[SocketProducer]) -> list[str]:
