@@ -66,7 +66,7 @@ from bench_socket import (
     write_json,
 )
 
-from tests.fixtures.daemon import AgentProcess
+from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.debian import PREFIX, REPO, build_deb
 from tests.fixtures.mosquitto import MosquittoBroker
 
@@ -220,11 +220,13 @@ def idle(
         for name, agent in agents.items():
             agent.start(env=WATCHDOG_ENV)
             ready_at[name] = time.monotonic()
-        deadline = time.monotonic() + 15
-        while not all(a.status()["mqtt"]["connected"] for n, a in agents.items() if "MQTT on" in n):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the agent did not connect to the broker")
-            time.sleep(0.1)
+        wait_for(
+            lambda: all(
+                a.status()["mqtt"]["connected"] for n, a in agents.items() if "MQTT on" in n
+            ),
+            15,
+            "the agents' connections to the broker",
+        )
         time.sleep(max(0.0, max(ready_at.values()) + 10 - time.monotonic()))
         pids = {name: agent.process.pid for name, agent in agents.items()}  # type: ignore[union-attr]
         for name, pid in pids.items():

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,9 @@ def test_watch_refreshes_until_ctrl_c(fleet: MosquittoBroker) -> None:
 
 
 def test_tls_and_a_password_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    make_mosquitto: Callable[..., MosquittoBroker],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """An operator's usual way in: TLS with the fleet's CA, a user, the password from a file."""
     certs = tmp_path / "certs"
@@ -227,36 +230,32 @@ def test_tls_and_a_password_file(
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "ops", "s3cret"],
                    check=True, capture_output=True, timeout=30)
     passwd.chmod(0o600)
-    broker = MosquittoBroker(tmp_path / "tls-broker")
-    broker.directory.mkdir()
     # The fixture's plain listener stays for publishing; the operator's is TLS. A client that
     # gives a user name must give its password (anonymous clients are still let in).
     tls_port = free_port()
-    broker.extra_config = [
-        f"password_file {passwd}",
-        f"listener {tls_port} 127.0.0.1",
-        f"certfile {certs / 'server.crt'}",
-        f"keyfile {certs / 'server.key'}",
-    ]
-    broker.start()
-    try:
-        publish_retained(broker, "engagement/kiosk-001/status", json.dumps(status()))
-        secret = tmp_path / "ops-pass"
-        secret.write_text("s3cret\n")
-        base = ("fleet", "--json", "--host", "127.0.0.1", "--port", str(tls_port), "--tls",
-                "--ca-file", str(certs / "server.crt"), "--username", "ops")
-        code, out, err = run(capsys, *base, "--password-file", str(secret))
-        assert (code, err) == (0, "")
-        assert [row["device_id"] for row in json.loads(out)] == ["kiosk-001"]
-        code, out, err = run(capsys, *base, "--password", "wrong")
-        assert (code, out) == (69, "")
-        assert "refused" in err and err.count("\n") == 1
-        untrusted = [arg for arg in base if arg != str(certs / "server.crt") and arg != "--ca-file"]
-        code, out, err = run(capsys, *untrusted, "--password-file", str(secret))
-        assert (code, out) == (69, "")
-        assert "certificate verify failed" in err and err.count("\n") == 1
-    finally:
-        broker.stop()
+    broker = make_mosquitto(
+        [
+            f"password_file {passwd}",
+            f"listener {tls_port} 127.0.0.1",
+            f"certfile {certs / 'server.crt'}",
+            f"keyfile {certs / 'server.key'}",
+        ]
+    )
+    publish_retained(broker, "engagement/kiosk-001/status", json.dumps(status()))
+    secret = tmp_path / "ops-pass"
+    secret.write_text("s3cret\n")
+    base = ("fleet", "--json", "--host", "127.0.0.1", "--port", str(tls_port), "--tls",
+            "--ca-file", str(certs / "server.crt"), "--username", "ops")
+    code, out, err = run(capsys, *base, "--password-file", str(secret))
+    assert (code, err) == (0, "")
+    assert [row["device_id"] for row in json.loads(out)] == ["kiosk-001"]
+    code, out, err = run(capsys, *base, "--password", "wrong")
+    assert (code, out) == (69, "")
+    assert "refused" in err and err.count("\n") == 1
+    untrusted = [arg for arg in base if arg != str(certs / "server.crt") and arg != "--ca-file"]
+    code, out, err = run(capsys, *untrusted, "--password-file", str(secret))
+    assert (code, out) == (69, "")
+    assert "certificate verify failed" in err and err.count("\n") == 1
 
 
 def test_named_devices_work_on_rabbitmq(

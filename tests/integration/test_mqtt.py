@@ -35,7 +35,7 @@ from agent.dispatch import Accepted, Dispatcher, Result
 from agent.errors import Unavailable
 from agent.mqtt.adapter import MAX_PENDING_BYTES, MqttAdapter
 from agent.mqtt.client import PahoClient
-from tests.fixtures.daemon import wait_for
+from tests.fixtures.daemon import wait_for, wait_for_async
 from tests.fixtures.mosquitto import MosquittoBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +45,8 @@ ERR = f"engagement/{DEVICE}/kiosk/error"
 REPLY = f"engagement/{DEVICE}/kiosk/reply"
 RESPONSES = f"engagement/{DEVICE}/kiosk/response/ui"  # an app's responses go under its topics
 STATUS = f"engagement/{DEVICE}/status"
+#: Seconds a scenario waits for something the broker or the adapter should do.
+WAIT = 15.0
 RESPONSES = f"engagement/{DEVICE}/kiosk/response/"
 
 
@@ -170,17 +172,6 @@ class AppClient:
         self.client.loop_stop()
 
 
-async def until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
@@ -214,7 +205,7 @@ class Harness:
             **options,
         )
         adapter.start()
-        await until(lambda: adapter.connected, "the adapter to connect")
+        await wait_for_async(lambda: adapter.connected, WAIT, "the adapter to connect")
         return adapter
 
 
@@ -239,14 +230,18 @@ def test_command_is_acked_only_after_commit_and_redelivered_otherwise(
         first = await harness.start(held)
         app = AppClient(mosquitto.port)
         app.publish(CMD, track("held"))
-        await until(lambda: held.waiting == 1, "the backend to be committing the command")
+        await wait_for_async(
+            lambda: held.waiting == 1, WAIT, "the backend to be committing the command"
+        )
         # The agent goes away while the commit is still pending: no PUBACK may have been sent.
         await first.stop()
         held.gate.set()
 
         backend = FakeBackend()
         second = await harness.start(backend)
-        await until(lambda: backend.names() == ["held"], "the broker to redeliver the command")
+        await wait_for_async(
+            lambda: backend.names() == ["held"], WAIT, "the broker to redeliver the command"
+        )
 
         # This time it was committed and acked: a third agent must not see it again. The
         # broker resends unacked messages before anything new, so a sentinel settles it.
@@ -254,7 +249,7 @@ def test_command_is_acked_only_after_commit_and_redelivered_otherwise(
         third_backend = FakeBackend()
         third = await harness.start(third_backend)
         app.publish(CMD, track("sentinel"))
-        await until(lambda: third_backend.names() == ["sentinel"], "the sentinel")
+        await wait_for_async(lambda: third_backend.names() == ["sentinel"], WAIT, "the sentinel")
         await third.stop()
         app.close()
 
@@ -277,9 +272,11 @@ def test_commands_published_while_stopped_arrive_after_start(
 
         adapter = await harness.start(backend)
         expected = [f"offline-{i}" for i in range(20)]
-        await until(lambda: sorted(backend.names()) == sorted(expected), "queued commands")
+        await wait_for_async(
+            lambda: sorted(backend.names()) == sorted(expected), WAIT, "queued commands"
+        )
         app.publish("engagement/all/kiosk/command", track("broadcast"))
-        await until(lambda: "broadcast" in backend.names(), "the broadcast command")
+        await wait_for_async(lambda: "broadcast" in backend.names(), WAIT, "the broadcast command")
         await adapter.stop()
         app.close()
 
@@ -304,7 +301,7 @@ def test_rejected_commands_are_acked_and_reported_on_the_error_topic(
         def errors() -> list[Any]:
             return [*app.payloads(ERR), *app.payloads("engagement/dev1/Bad_App/error")]
 
-        await until(lambda: len(errors()) == 5, "five error replies")
+        await wait_for_async(lambda: len(errors()) == 5, WAIT, "five error replies")
         codes = sorted(reply["error"]["code"] for reply in errors())
         assert codes == sorted(
             [
@@ -327,7 +324,7 @@ def test_rejected_commands_are_acked_and_reported_on_the_error_topic(
         backend2 = FakeBackend()
         adapter = await harness.start(backend2)
         app.publish(CMD, track("sentinel"))
-        await until(lambda: backend2.names() == ["sentinel"], "the sentinel")
+        await wait_for_async(lambda: backend2.names() == ["sentinel"], WAIT, "the sentinel")
         assert backend2.calls == 1
         await adapter.stop()
         app.close()
@@ -344,7 +341,7 @@ def test_retained_command_is_refused_not_replayed(mosquitto: MosquittoBroker) ->
         await to_thread(lambda: info.wait_for_publish(5))
         backend = FakeBackend()
         adapter = await harness.start(backend)  # 3.1.1 gets retained messages on subscribe
-        await until(lambda: app.payloads(ERR), "the retained command's error")
+        await wait_for_async(lambda: app.payloads(ERR), WAIT, "the retained command's error")
         assert "retained" in app.payloads(ERR)[0]["error"]["message"]
         assert backend.committed == []
         await adapter.stop()
@@ -368,7 +365,7 @@ def test_request_id_and_queries_reply_on_the_reply_topic(mosquitto: MosquittoBro
         app.publish(CMD, track("loud", request_id="r1"))
         app.publish(CMD, {"command": "status"})
         app.publish(CMD, track("x", bogus=1, request_id="r2"))
-        await until(lambda: len(app.payloads(REPLY)) == 3, "three replies")
+        await wait_for_async(lambda: len(app.payloads(REPLY)) == 3, WAIT, "three replies")
         replies = {r["request_id"]: r for r in app.payloads(REPLY)}
         assert replies["r1"] == {"ok": True, "request_id": "r1", "result": {}}
         assert replies[None]["result"] == {"app": "kiosk", "queried": "status"}
@@ -402,7 +399,7 @@ def test_mqtt5_response_topic_gets_every_reply_with_correlation_data(
 
         request(track("ok"), b"\x00corr-1")
         request(b"not json", b"corr-2")
-        await until(lambda: len(app.messages(response_topic)) == 2, "two responses")
+        await wait_for_async(lambda: len(app.messages(response_topic)) == 2, WAIT, "two responses")
         by_correlation = {
             m.properties.CorrelationData: json.loads(m.payload)  # type: ignore[union-attr]
             for m in app.messages(response_topic)
@@ -410,7 +407,7 @@ def test_mqtt5_response_topic_gets_every_reply_with_correlation_data(
         assert by_correlation[b"\x00corr-1"]["ok"] is True
         assert by_correlation[b"corr-2"]["error"]["code"] == "invalid_json"
         # The error is also on the error topic; the reply topic stays quiet.
-        await until(lambda: app.payloads(ERR), "the error topic copy")
+        await wait_for_async(lambda: app.payloads(ERR), WAIT, "the error topic copy")
         assert app.payloads(ERR)[0]["error"]["code"] == "invalid_json"
         assert app.messages(REPLY) == []
         await adapter.stop()
@@ -445,7 +442,9 @@ def test_a_response_topic_outside_the_apps_own_subtree_is_ignored(
         broadcast = Properties(PacketTypes.PUBLISH)
         broadcast.ResponseTopic = pos_reply
         app.publish("engagement/all/kiosk/command", {"command": "status"}, properties=broadcast)
-        await until(lambda: len(spy.messages(REPLY)) == 4, "the replies on kiosk's reply topic")
+        await wait_for_async(
+            lambda: len(spy.messages(REPLY)) == 4, WAIT, "the replies on kiosk's reply topic"
+        )
         assert sorted(r["request_id"] or "" for r in spy.payloads(REPLY)) == ["", "r0", "r1", "r2"]
         assert all(
             m.properties is None or not hasattr(m.properties, "CorrelationData")
@@ -456,7 +455,9 @@ def test_a_response_topic_outside_the_apps_own_subtree_is_ignored(
         legit.ResponseTopic = RESPONSES + "xyz"
         legit.CorrelationData = b"c-ok"
         app.publish(CMD, track("legit"), properties=legit)
-        await until(lambda: spy.messages(RESPONSES + "xyz"), "the legitimate response")
+        await wait_for_async(
+            lambda: spy.messages(RESPONSES + "xyz"), WAIT, "the legitimate response"
+        )
         for topic in forged:
             assert spy.messages(topic) == []
         assert len(backend.names()) == 4  # ignoring the topic refuses nothing
@@ -482,7 +483,7 @@ def test_status_is_retained_on_connect_changes_and_goes_offline_on_stop(
         watcher = AppClient(mosquitto.port)
         watcher.subscribe(STATUS)
         adapter = await harness.start(FakeBackend(), status_min_interval=0.0)
-        await until(lambda: watcher.messages(STATUS), "the status on connect")
+        await wait_for_async(lambda: watcher.messages(STATUS), WAIT, "the status on connect")
         assert watcher.payloads(STATUS)[0] == {
             "online": True,
             "version": "test",
@@ -491,7 +492,7 @@ def test_status_is_retained_on_connect_changes_and_goes_offline_on_stop(
         }
         early = AppClient(mosquitto.port)
         early.subscribe(STATUS)
-        await until(lambda: early.messages(STATUS), "the retained status")
+        await wait_for_async(lambda: early.messages(STATUS), WAIT, "the retained status")
         assert early.messages(STATUS)[0].retain is True
         early.close()
 
@@ -499,17 +500,21 @@ def test_status_is_retained_on_connect_changes_and_goes_offline_on_stop(
         adapter.status_changed()
         harness.status["queue"] = {"items": 7}
         adapter.status_changed()
-        await until(lambda: len(watcher.messages(STATUS)) >= 2, "the changed status")
+        await wait_for_async(lambda: len(watcher.messages(STATUS)) >= 2, WAIT, "the changed status")
         changed = watcher.payloads(STATUS)[1]
         assert changed["queue"] == {"items": 7} and changed["online"] is True
 
         await adapter.stop()
-        await until(lambda: watcher.payloads(STATUS)[-1] == {"online": False}, "the offline status")
+        await wait_for_async(
+            lambda: watcher.payloads(STATUS)[-1] == {"online": False}, WAIT, "the offline status"
+        )
         assert len(watcher.messages(STATUS)) == 3
         # Retained: a late subscriber sees offline too.
         late = AppClient(mosquitto.port)
         late.subscribe(STATUS)
-        await until(lambda: late.payloads(STATUS) == [{"online": False}], "retained offline")
+        await wait_for_async(
+            lambda: late.payloads(STATUS) == [{"online": False}], WAIT, "retained offline"
+        )
         watcher.close()
         late.close()
 
@@ -530,7 +535,7 @@ def test_status_is_not_republished_for_values_that_move_with_the_clock(
         watcher = AppClient(mosquitto.port)
         watcher.subscribe(STATUS)
         adapter = await harness.start(FakeBackend(), status_min_interval=0.0)
-        await until(lambda: watcher.messages(STATUS), "the status on connect")
+        await wait_for_async(lambda: watcher.messages(STATUS), WAIT, "the status on connect")
         for step in range(1, 6):
             harness.status["uptime"] = float(step)
             harness.status["queue"] = {"items": 3, "oldest_age": 1.0 + step}
@@ -540,7 +545,7 @@ def test_status_is_not_republished_for_values_that_move_with_the_clock(
         # A real change: it is published, and everything above would have arrived before it.
         harness.status["queue"] = {"items": 4, "oldest_age": 9.0}
         adapter.status_changed()
-        await until(lambda: len(watcher.messages(STATUS)) >= 2, "the changed status")
+        await wait_for_async(lambda: len(watcher.messages(STATUS)) >= 2, WAIT, "the changed status")
         await asyncio.sleep(0.1)
         statuses = watcher.payloads(STATUS)
         assert len(statuses) == 2
@@ -618,10 +623,10 @@ def test_unavailable_is_not_acked_and_retried_until_accepted(mosquitto: Mosquitt
         app = AppClient(mosquitto.port)
         app.subscribe(ERR)
         app.publish(CMD, track("eventually", request_id="r-un"))
-        await until(lambda: backend.names() == ["eventually"], "the retried command")
+        await wait_for_async(lambda: backend.names() == ["eventually"], WAIT, "the retried command")
         assert backend.calls == 4
         app.publish(CMD, b"{}")  # a permanent error, as a marker on the error topic
-        await until(lambda: app.payloads(ERR), "the marker error")
+        await wait_for_async(lambda: app.payloads(ERR), WAIT, "the marker error")
         assert [r["error"]["code"] for r in app.payloads(ERR)] == ["invalid_command"]
 
         # It was acked once accepted: not redelivered to the next connection.
@@ -629,7 +634,7 @@ def test_unavailable_is_not_acked_and_retried_until_accepted(mosquitto: Mosquitt
         backend2 = FakeBackend()
         adapter = await harness.start(backend2)
         app.publish(CMD, track("sentinel"))
-        await until(lambda: backend2.names() == ["sentinel"], "the sentinel")
+        await wait_for_async(lambda: backend2.names() == ["sentinel"], WAIT, "the sentinel")
         await adapter.stop()
         app.close()
 
@@ -644,11 +649,11 @@ def test_unavailable_during_stop_is_left_to_the_broker(mosquitto: MosquittoBroke
         adapter = await harness.start(backend, retry_base=0.05)
         app = AppClient(mosquitto.port)
         app.publish(CMD, track("later"))
-        await until(lambda: backend.calls >= 2, "a retry")
+        await wait_for_async(lambda: backend.calls >= 2, WAIT, "a retry")
         await adapter.stop()
         backend2 = FakeBackend()
         adapter = await harness.start(backend2)
-        await until(lambda: backend2.names() == ["later"], "the redelivered command")
+        await wait_for_async(lambda: backend2.names() == ["later"], WAIT, "the redelivered command")
         await adapter.stop()
         app.close()
 
@@ -669,7 +674,9 @@ def test_broker_restart_mid_stream_loses_no_acknowledged_message(
         for i in range(total):
             infos.append(app.publish(CMD, track(f"m{i}")))
             if i == total // 3:
-                await until(lambda: len(backend.committed) > 20, "some commands through")
+                await wait_for_async(
+                    lambda: len(backend.committed) > 20, WAIT, "some commands through"
+                )
                 await to_thread(mosquitto.stop)
             if i == total // 2:
                 await to_thread(mosquitto.start)
@@ -677,10 +684,10 @@ def test_broker_restart_mid_stream_loses_no_acknowledged_message(
                 await asyncio.sleep(0)
         # Every message the broker acknowledged to the publisher must reach the backend.
         mids = [info.mid for info in infos]
-        await until(lambda: app.pubacks.issuperset(mids), "publisher PUBACKs", timeout=30)
+        await wait_for_async(lambda: app.pubacks.issuperset(mids), 30, "publisher PUBACKs")
         expected = {f"m{i}" for i in range(total)}
-        await until(
-            lambda: expected <= set(backend.names()), "every acknowledged message", timeout=30
+        await wait_for_async(
+            lambda: expected <= set(backend.names()), 30, "every acknowledged message"
         )
         assert adapter.connected
         await adapter.stop()
@@ -699,11 +706,11 @@ def test_on_connect_is_called_for_every_connection_however_short_the_outage(
         adapter = await Harness(mosquitto).start(
             FakeBackend(), on_connect=lambda: connects.append(time.monotonic())
         )
-        await until(lambda: len(connects) == 1, "the first connection's call")
+        await wait_for_async(lambda: len(connects) == 1, WAIT, "the first connection's call")
         await to_thread(mosquitto.stop)
-        await until(lambda: not adapter.connected, "the link to drop")
+        await wait_for_async(lambda: not adapter.connected, WAIT, "the link to drop")
         await to_thread(mosquitto.start)
-        await until(lambda: len(connects) == 2, "the reconnection's call")
+        await wait_for_async(lambda: len(connects) == 2, WAIT, "the reconnection's call")
         assert adapter.connected
         await adapter.stop()
 
@@ -727,10 +734,12 @@ def test_broker_down_at_start_neither_raises_nor_blocks(mosquitto: MosquittoBrok
         assert not adapter.connected
         await asyncio.sleep(0.3)  # let a few attempts fail
         await to_thread(mosquitto.start)
-        await until(lambda: adapter.connected, "the adapter to connect once the broker is up")
+        await wait_for_async(
+            lambda: adapter.connected, WAIT, "the adapter to connect once the broker is up"
+        )
         app = AppClient(mosquitto.port)
         app.publish(CMD, track("hello"))
-        await until(lambda: backend.names() == ["hello"], "a command")
+        await wait_for_async(lambda: backend.names() == ["hello"], WAIT, "a command")
         await adapter.stop()
         app.close()
 
@@ -742,7 +751,7 @@ def test_stop_while_broker_is_down_returns(mosquitto: MosquittoBroker) -> None:
         harness = Harness(mosquitto)
         adapter = await harness.start(FakeBackend())
         await to_thread(mosquitto.stop)
-        await until(lambda: not adapter.connected, "the adapter to notice")
+        await wait_for_async(lambda: not adapter.connected, WAIT, "the adapter to notice")
         await asyncio.wait_for(adapter.stop(), 15)
 
     run(scenario)
@@ -765,10 +774,14 @@ def test_reload_moves_to_new_topics(mosquitto: MosquittoBroker) -> None:
         adapter.reload(new_config)
         app = AppClient(mosquitto.port)
         app.subscribe(f"site/a/{DEVICE}/status")
-        await until(lambda: app.payloads(f"site/a/{DEVICE}/status"), "status on the new prefix")
+        await wait_for_async(
+            lambda: app.payloads(f"site/a/{DEVICE}/status"), WAIT, "status on the new prefix"
+        )
         app.publish(CMD, track("old-prefix"))
         app.publish(f"site/a/{DEVICE}/kiosk/command", track("new-prefix"))
-        await until(lambda: "new-prefix" in backend.names(), "a command on the new prefix")
+        await wait_for_async(
+            lambda: "new-prefix" in backend.names(), WAIT, "a command on the new prefix"
+        )
         assert "old-prefix" not in backend.names()
         await adapter.stop()
         app.close()
@@ -835,7 +848,7 @@ def test_qos0_flood_is_capped_and_qos1_still_all_processed(
             pending = adapter.pending_commands
             return pending.count + pending.qos0_dropped
 
-        await until(lambda: seen() == flood, "the whole flood to reach the adapter")
+        await wait_for_async(lambda: seen() == flood, WAIT, "the whole flood to reach the adapter")
         pending = adapter.pending_commands
         assert pending.qos0_dropped > 0
         assert pending.peak_count <= max_count
@@ -845,12 +858,16 @@ def test_qos0_flood_is_capped_and_qos1_still_all_processed(
 
         # QoS 1 while the cap is full: not dropped, all processed once the backend catches up.
         infos = [app.publish(CMD, track(f"q1-{i}")) for i in range(30)]
-        await until(lambda: backend.waiting > pending.count, "a QoS 1 command being handled")
+        await wait_for_async(
+            lambda: backend.waiting > pending.count, WAIT, "a QoS 1 command being handled"
+        )
         backend.gate.set()
         expected = {f"q1-{i}" for i in range(30)}
-        await until(lambda: expected <= set(backend.names()), "every QoS 1 command")
-        await until(lambda: app.pubacks.issuperset(i.mid for i in infos), "their PUBACKs")
-        await until(lambda: adapter.pending_commands.count == 0, "nothing pending")
+        await wait_for_async(lambda: expected <= set(backend.names()), WAIT, "every QoS 1 command")
+        await wait_for_async(
+            lambda: app.pubacks.issuperset(i.mid for i in infos), WAIT, "their PUBACKs"
+        )
+        await wait_for_async(lambda: adapter.pending_commands.count == 0, WAIT, "nothing pending")
         assert adapter.pending_commands.bytes == 0
         assert len([n for n in backend.names() if n.startswith("q0-")]) == pending.count
         await adapter.stop()
@@ -920,11 +937,15 @@ def test_reload_reconnects_even_if_stopping_the_old_thread_fails(
                 mqtt=MqttConfig(host="127.0.0.1", port=mosquitto.port, topic_prefix="site/b"),
             )
         )
-        await until(lambda: adapter._connection.link not in (None, link), "a new link")
-        await until(lambda: adapter.connected, "the new connection")
+        await wait_for_async(
+            lambda: adapter._connection.link not in (None, link), WAIT, "a new link"
+        )
+        await wait_for_async(lambda: adapter.connected, WAIT, "the new connection")
         app = AppClient(mosquitto.port)
         app.publish(f"site/b/{DEVICE}/kiosk/command", track("after-reload"))
-        await until(lambda: backend.names() == ["after-reload"], "a command on the new link")
+        await wait_for_async(
+            lambda: backend.names() == ["after-reload"], WAIT, "a command on the new link"
+        )
         assert "stopping the network thread failed" in caplog.text
         await adapter.stop()
         app.close()

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.relay import Relay
 from tests.integration.test_mqtt_e2e import Subscriber
-from tests.reliability.harness import pipe
 
 PREFIX = "engagement"
 DEVICE = "test-device"
@@ -139,60 +138,37 @@ def test_oversized_commands_are_too_large_or_never_delivered(
 # ---------------------------------------------------------------------------- protocol auto
 
 
-class RefuseMqtt5Relay:
-    """A TCP relay to the broker that hangs up on an MQTT 5 CONNECT, as brokers without MQTT 5
-    do (RabbitMQ 3.10 closes the connection); MQTT 3.1.1 connections are relayed."""
+class RefuseMqtt5:
+    """A relay screen that hangs up on an MQTT 5 CONNECT, as brokers without MQTT 5 do
+    (RabbitMQ 3.10 closes the connection); MQTT 3.1.1 connections are relayed."""
 
-    def __init__(self, broker_port: int) -> None:
-        self.broker_port = broker_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
+    def __init__(self) -> None:
         self.refused = 0
-        self._closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        with client:
-            head = b""
-            while len(head) < 9:  # fixed header (2) + protocol name (6) + level (1)
-                chunk = client.recv(9 - len(head))
-                if not chunk:
-                    return
-                head += chunk
-            if head[8] == 5:
-                self.refused += 1
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.broker_port))
-            except OSError:  # the broker is gone (teardown): hang up, as a dead broker does
-                return
-            with upstream:
-                upstream.sendall(head)
-                back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
-                back.start()
-                pipe(client, upstream)
-                back.join(5)
-
-    def close(self) -> None:
-        self._closing = True
-        self.listener.close()
+    def __call__(self, client: socket.socket) -> bytes | None:
+        head = b""
+        while len(head) < 9:  # fixed header (2) + protocol name (6) + level (1)
+            chunk = client.recv(9 - len(head))
+            if not chunk:
+                return None
+            head += chunk
+        if head[8] == 5:
+            self.refused += 1
+            return None
+        return head
 
 
 @pytest.fixture
-def relay(mosquitto: MosquittoBroker) -> Iterator[RefuseMqtt5Relay]:
-    relay = RefuseMqtt5Relay(mosquitto.port)
-    try:
-        yield relay
-    finally:
-        relay.close()
+def refuse_mqtt5() -> RefuseMqtt5:
+    return RefuseMqtt5()
+
+
+@pytest.fixture
+def relay(
+    mosquitto: MosquittoBroker, make_relay: Callable[..., Relay], refuse_mqtt5: RefuseMqtt5
+) -> Relay:
+    """A relay to the broker (tests/fixtures/relay.py) behind the `refuse_mqtt5` screen."""
+    return make_relay(mosquitto.port, screen=refuse_mqtt5)
 
 
 def test_auto_uses_mqtt5_with_a_broker_that_speaks_it(
@@ -204,10 +180,10 @@ def test_auto_uses_mqtt5_with_a_broker_that_speaks_it(
 
 
 def test_auto_falls_back_to_311_when_the_broker_hangs_up_on_mqtt5(
-    make_agent: Any, mosquitto: MosquittoBroker, relay: RefuseMqtt5Relay
+    make_agent: Any, mosquitto: MosquittoBroker, relay: Relay, refuse_mqtt5: RefuseMqtt5
 ) -> None:
     agent = start_agent(make_agent, relay.port, mqtt={"keepalive": 10})
-    assert relay.refused >= 1
+    assert refuse_mqtt5.refused >= 1
     assert agent.status()["mqtt"]["protocol"] == 3
     assert agent.log().count("trying MQTT 3.1.1") == 1
     assert "closed the connection at an MQTT 5 CONNECT" in agent.log()
@@ -216,7 +192,7 @@ def test_auto_falls_back_to_311_when_the_broker_hangs_up_on_mqtt5(
 
 
 def test_forced_mqtt5_names_the_likely_cause(
-    make_agent: Any, mosquitto: MosquittoBroker, relay: RefuseMqtt5Relay
+    make_agent: Any, mosquitto: MosquittoBroker, relay: Relay
 ) -> None:
     agent: AgentProcess = make_agent(
         {

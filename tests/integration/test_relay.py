@@ -55,11 +55,25 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def test_pass_forwards_both_ways(make_relay: Callable[[int], Relay], echo_port: int) -> None:
-    relay = make_relay(echo_port)
+def assert_echoed(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+    assert recv_exactly(sock, len(data)) == data
+
+
+def assert_relays(relay: Relay, data: bytes) -> None:
+    """A new connection through `relay` reaches the echo server and back."""
     with connect(relay) as sock:
-        sock.sendall(b"hello")
-        assert recv_exactly(sock, 5) == b"hello"
+        assert_echoed(sock, data)
+
+
+def assert_reset(sock: socket.socket) -> None:
+    with pytest.raises(ConnectionResetError):
+        sock.sendall(b"x")
+        sock.recv(1)
+
+
+def test_pass_forwards_both_ways(make_relay: Callable[[int], Relay], echo_port: int) -> None:
+    assert_relays(make_relay(echo_port), b"hello")
 
 
 def test_blackhole_accepts_and_never_answers(
@@ -67,8 +81,7 @@ def test_blackhole_accepts_and_never_answers(
 ) -> None:
     relay = make_relay(echo_port)
     with connect(relay) as kept:
-        kept.sendall(b"a")
-        assert recv_exactly(kept, 1) == b"a"
+        assert_echoed(kept, b"a")
         relay.set_mode(Mode.BLACKHOLE)
         with connect(relay) as fresh:
             for sock in (kept, fresh):
@@ -77,9 +90,7 @@ def test_blackhole_accepts_and_never_answers(
                 with pytest.raises(TimeoutError):
                     sock.recv(1)
         relay.set_mode(Mode.PASS)
-        with connect(relay) as after:
-            after.sendall(b"back")
-            assert recv_exactly(after, 4) == b"back"
+        assert_relays(relay, b"back")
 
 
 def test_trickle_sends_responses_one_byte_at_a_time(
@@ -99,8 +110,7 @@ def test_cut_is_silent_and_heals_without_losing_bytes(
 ) -> None:
     relay = make_relay(echo_port)
     with connect(relay) as sock:
-        sock.sendall(b"1")
-        assert recv_exactly(sock, 1) == b"1"
+        assert_echoed(sock, b"1")
         relay.set_mode(Mode.CUT)
         sock.sendall(b"23")
         sock.settimeout(SILENCE)
@@ -119,10 +129,37 @@ def test_refuse_closes_the_listener_and_resets_connections(
         relay.set_mode(Mode.REFUSE)
         with pytest.raises(ConnectionRefusedError):
             connect(relay)
-        with pytest.raises(ConnectionResetError):
-            sock.sendall(b"x")
-            sock.recv(1)
+        assert_reset(sock)
     relay.set_mode(Mode.PASS)
+    assert_relays(relay, b"again")
+
+
+def test_reset_resets_open_and_new_connections(
+    make_relay: Callable[[int], Relay], echo_port: int
+) -> None:
+    relay = make_relay(echo_port)
     with connect(relay) as sock:
-        sock.sendall(b"again")
-        assert recv_exactly(sock, 5) == b"again"
+        assert_echoed(sock, b"1")
+        relay.set_mode(Mode.RESET)
+        assert_reset(sock)
+    # Accepted, then reset (not refused: the listener is still there). The reset can beat the
+    # end of connect() itself.
+    with pytest.raises(ConnectionResetError), connect(relay) as fresh:
+        fresh.sendall(b"x")
+        fresh.recv(1)
+    relay.set_mode(Mode.PASS)
+    assert_relays(relay, b"again")
+
+
+def test_a_screen_sees_the_first_bytes_and_may_hang_up(
+    make_relay: Callable[..., Relay], echo_port: int
+) -> None:
+    def screen(client: socket.socket) -> bytes | None:
+        head = recv_exactly(client, 3)
+        return None if head == b"no!" else head
+
+    relay = make_relay(echo_port, screen=screen)
+    assert_relays(relay, b"yes, please")  # the screened bytes are forwarded first
+    with connect(relay) as sock:
+        sock.sendall(b"no!")
+        assert sock.recv(1) == b""  # a FIN, not a reset

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -12,7 +11,6 @@ from tests.reliability.harness import BROKER_CONFIG
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+def broker(make_mosquitto: Callable[..., MosquittoBroker]) -> MosquittoBroker:
     """A private Mosquitto that never drops queued messages for an offline session."""
-    with MosquittoBroker(tmp_path / "mosquitto", BROKER_CONFIG) as instance:
-        yield instance
+    return make_mosquitto(BROKER_CONFIG)

@@ -50,6 +50,13 @@ DEVICE_ID = "test-device"  # the make_agent fixture's device_id
 BROKER_CONFIG = ("max_queued_messages 0", "max_queued_bytes 0")
 
 
+def seeded() -> random.Random:
+    """A fresh random source whose seed is printed, so a failing round can be replayed."""
+    seed = random.randrange(1 << 32)
+    print(f"random seed {seed}")
+    return random.Random(seed)
+
+
 def rounds(sample: int, full: int) -> list[Any]:
     """Parametrize values: a short `sample` run by default, a long one under `-m full`.
 
@@ -261,6 +268,21 @@ def join_producers(producers: Iterable[SocketProducer], timeout: float = 120) ->
         assert not producer.is_alive(), f"{producer.name} did not finish in {timeout} s"
 
 
+def wait_ingest_progress(
+    agent: AgentProcess, producers: Iterable[SocketProducer], more: int, what: str
+) -> int:
+    """Until the producers together have `more` acks than now; returns the count before, so a
+    fault injected next lands while ingest is in full swing."""
+    producers = list(producers)
+    before = sum(p.acked_count() for p in producers)
+    wait_for(
+        lambda: sum(p.acked_count() for p in producers) >= before + more,
+        30,
+        f"{what}\n{agent.log()[-3000:]}",
+    )
+    return before
+
+
 def acked_ids(producers: Iterable[SocketProducer]) -> list[str]:
     return [rid for p in producers for rid in p.acked]
 
@@ -469,86 +491,3 @@ def kill_at_random(agent: AgentProcess, rng: random.Random, low: float, high: fl
     time.sleep(delay)  # the randomness *is* the test: a crash at an arbitrary moment
     agent.kill()
     return delay
-
-
-# --------------------------------------------------------------------------- network flaps
-
-
-class TcpProxy:
-    """A TCP relay on 127.0.0.1 between the agent and the broker; `flap()` cuts every
-    connection at once (RST), like a Wi-Fi drop or a NAT reset, and refuses new ones until
-    `heal()`."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port: int = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        self.down = threading.Event()
-        self.closed = False
-        self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.down.is_set():
-                _abort(client)
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                _abort(client)
-                continue
-            upstream.settimeout(None)
-            with self.lock:
-                self.sockets += [client, upstream]
-                self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
-
-    def flap(self) -> None:
-        self.down.set()
-        with self.lock:
-            sockets, self.sockets = self.sockets, []
-        for sock in sockets:
-            _abort(sock)
-
-    def heal(self) -> None:
-        self.down.clear()
-
-    def close(self) -> None:
-        self.closed = True
-        self.flap()
-        self.listener.close()
-
-
-def _abort(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.close()
-    except OSError:
-        pass
-
-
-def pipe(source: socket.socket, sink: socket.socket) -> None:
-    """Copy `source` to `sink` until either side ends, then shut both down."""
-    try:
-        while True:
-            data = source.recv(65536)
-            if not data:
-                break
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)

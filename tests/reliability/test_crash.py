@@ -7,7 +7,6 @@ means committed; docs/sync.md: at-least-once delivery).
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytest
@@ -25,10 +24,12 @@ from tests.reliability.harness import (
     delivered,
     kill_at_random,
     rounds,
+    seeded,
     start_producers,
     stop_producers,
     wait_delivered,
     wait_drained,
+    wait_ingest_progress,
     wait_mqtt_connected,
 )
 
@@ -36,12 +37,6 @@ BATCH = 50
 #: A crash can lose the deletes of the batch on the wire plus those still being committed
 #: while the next request overlaps them (agent.sync.MAX_ACKS_IN_FLIGHT): each is resent.
 UPLOAD_DUPLICATES_PER_KILL = (MAX_ACKS_IN_FLIGHT + 1) * BATCH
-
-
-def seeded() -> random.Random:
-    seed = random.randrange(1 << 32)
-    print(f"random seed {seed}")
-    return random.Random(seed)
 
 
 @pytest.mark.parametrize("n_rounds", rounds(3, 20))
@@ -54,13 +49,8 @@ def test_kill_9_during_pipelined_socket_ingest(
     producers = start_producers(agent, 3, "s", reconnect=True, window=128)
     try:
         for n in range(n_rounds):
-            before = sum(p.acked_count() for p in producers)
             # Ingest must be in full swing (and uploads running) when the crash comes.
-            wait_for(
-                lambda before=before: sum(p.acked_count() for p in producers) >= before + 300,
-                30,
-                f"ingest progress in round {n}\n{agent.log()[-3000:]}",
-            )
+            before = wait_ingest_progress(agent, producers, 300, f"ingest progress in round {n}")
             delay = kill_at_random(agent, rng, 0.0, 0.25)
             print(f"round {n}: killed {delay:.3f} s later, {before} acked so far")
             agent.start()

@@ -4,6 +4,7 @@ session and its own reconnects."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,9 +12,9 @@ import pytest
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.daemon import AgentProcess, wait_for
 from tests.fixtures.mosquitto import MosquittoBroker
+from tests.fixtures.relay import Mode, Relay
 from tests.reliability.harness import (
     MqttProducer,
-    TcpProxy,
     agent_config,
     check_no_loss,
     delivered,
@@ -108,21 +109,22 @@ def test_broker_restarts_during_a_qos1_stream(
 
 @pytest.mark.parametrize("n_rounds", rounds(2, 8))
 def test_network_flaps_between_agent_and_broker(
-    make_agent: Any, api_stub: ApiStub, broker: MosquittoBroker, n_rounds: int
+    make_agent: Any,
+    make_relay: Callable[[int], Relay],
+    api_stub: ApiStub,
+    broker: MosquittoBroker,
+    n_rounds: int,
 ) -> None:
-    proxy = TcpProxy(broker.port)
-    try:
-        agent = mqtt_agent(make_agent, api_stub, proxy.port)
-        producer = MqttProducer(broker.port, "f", rate=1000)  # the apps' side stays up
-        producer.start()
-        for n in range(n_rounds):
-            before = len(delivered(api_stub))
-            wait_for(lambda b=before: len(delivered(api_stub)) >= b + 200, 30, f"progress {n}")
-            proxy.flap()
-            wait_for(lambda: not agent.status()["mqtt"]["connected"], 20, "the agent to notice")
-            proxy.heal()
-            wait_mqtt_connected(agent, timeout=RECONNECT_WITHIN)
-            print(f"round {n}: network flapped")
-        finish(agent, api_stub, producer, n_rounds)
-    finally:
-        proxy.close()
+    relay = make_relay(broker.port)
+    agent = mqtt_agent(make_agent, api_stub, relay.port)
+    producer = MqttProducer(broker.port, "f", rate=1000)  # the apps' side stays up
+    producer.start()
+    for n in range(n_rounds):
+        before = len(delivered(api_stub))
+        wait_for(lambda b=before: len(delivered(api_stub)) >= b + 200, 30, f"progress {n}")
+        relay.set_mode(Mode.RESET)  # every connection cut at once, reconnects reset too
+        wait_for(lambda: not agent.status()["mqtt"]["connected"], 20, "the agent to notice")
+        relay.set_mode(Mode.PASS)
+        wait_mqtt_connected(agent, timeout=RECONNECT_WITHIN)
+        print(f"round {n}: network flapped")
+    finish(agent, api_stub, producer, n_rounds)

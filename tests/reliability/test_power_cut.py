@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import sqlite3
@@ -24,15 +23,17 @@ from typing import Any
 import pytest
 
 from agent_devtools.apistub import ApiStub
-from tests.fixtures.daemon import AgentProcess, wait_for
+from tests.fixtures.daemon import AgentProcess
 from tests.reliability.harness import (
     EVENT,
     agent_config,
     assert_replies_well_formed,
     delivered,
     rounds,
+    seeded,
     start_producers,
     stop_producers,
+    wait_ingest_progress,
 )
 
 
@@ -50,9 +51,7 @@ def crash_image(agent: AgentProcess, target: Path) -> None:
 def test_crash_image_holds_everything_acknowledged_before_it(
     make_agent: Any, api_stub: ApiStub, tmp_path: Path, n_rounds: int
 ) -> None:
-    seed = random.randrange(1 << 32)
-    print(f"random seed {seed}")
-    rng = random.Random(seed)
+    rng = seeded()
     agent: AgentProcess = make_agent(agent_config(api_stub, queue={"durability": "full"}))
     agent.start()
     assert agent.process is not None
@@ -60,12 +59,7 @@ def test_crash_image_holds_everything_acknowledged_before_it(
     images: list[tuple[Path, set[str], set[str]]] = []
     try:
         for n in range(n_rounds):
-            before = sum(p.acked_count() for p in producers)
-            wait_for(
-                lambda before=before: sum(p.acked_count() for p in producers) >= before + 300,
-                30,
-                f"ingest progress\n{agent.log()[-3000:]}",
-            )
+            wait_ingest_progress(agent, producers, 300, "ingest progress")
             time.sleep(rng.uniform(0, 0.1))  # an arbitrary instant, not a quiet one
             acked_before: set[str] = set()
             for producer in producers:

@@ -5,6 +5,7 @@ Run as a process so stdin and stdout are real pipes, as in `send < file > replie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from tests.unit import test_cli
 from tests.unit.test_cli import REPO, FakeAgent, rejected
@@ -34,6 +37,28 @@ def _send(
         [sys.executable, "-m", "agent.cli", "send", "--socket", str(sock), *extra],
         input=data, capture_output=True, env=env, timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def _one_connection_agent(
+    path: Path, serve: Callable[[socket.socket, BinaryIO], None]
+) -> Iterator[Path]:
+    """A scripted agent on `path` for tests of the client's side: it accepts one connection
+    and hands it, with its lines, to `serve` on a thread; the socket closes with the block."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def accept() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rb") as lines:
+            serve(conn, lines)
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield path
+    finally:
+        server.close()
 
 
 def _line(name: str, request_id: str | None = None) -> bytes:
@@ -98,26 +123,16 @@ def test_a_line_longer_than_a_chunk_arrives_whole(agent: FakeAgent) -> None:
 def test_requests_are_pipelined(short_dir: Path) -> None:
     """This agent answers nothing until it has all three requests: only a client that sends
     before it has the earlier replies can finish."""
-    path = short_dir / "pipe.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
+    def serve(conn: socket.socket, lines: BinaryIO) -> None:
+        got = [lines.readline() for _ in range(3)]
+        for line in got:
+            rid = json.loads(line)["request_id"]
+            conn.sendall(json.dumps({"ok": True, "request_id": rid, "result": {}}).encode()
+                         + b"\n")
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn, conn.makefile("rb") as lines:
-            got = [lines.readline() for _ in range(3)]
-            for line in got:
-                rid = json.loads(line)["request_id"]
-                conn.sendall(json.dumps({"ok": True, "request_id": rid, "result": {}}).encode()
-                             + b"\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
+    with _one_connection_agent(short_dir / "pipe.sock", serve) as path:
         done = _send(path, _line("a", "1") + _line("b", "2") + _line("c", "3"),
                      "--timeout", "5", timeout=20)
-    finally:
-        server.close()
     assert done.returncode == 0, done.stderr
     assert [json.loads(x)["request_id"] for x in done.stdout.splitlines()] == ["1", "2", "3"]
 
@@ -153,22 +168,12 @@ def test_no_agent_exits_69(short_dir: Path) -> None:
 
 
 def test_an_agent_that_hangs_up_early_exits_69(short_dir: Path) -> None:
-    path = short_dir / "rude.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
+    def serve(conn: socket.socket, lines: BinaryIO) -> None:
+        lines.readline()
+        conn.sendall(b'{"ok": true, "request_id": null, "result": {}}\n')
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn, conn.makefile("rb") as lines:
-            lines.readline()
-            conn.sendall(b'{"ok": true, "request_id": null, "result": {}}\n')
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
+    with _one_connection_agent(short_dir / "rude.sock", serve) as path:
         done = _send(path, _line("a") + _line("b") + _line("c"), timeout=20)
-    finally:
-        server.close()
     assert done.returncode == 69
     assert done.stdout.count(b"\n") == 1
     assert b"closed the connection after 1 replies" in done.stderr

@@ -102,9 +102,9 @@ def _anchor(true_time: float, mono: float, boot: str = BOOT) -> Anchor:
     return Anchor(boot, true_time, mono, 0.1, "api")
 
 
-def test_item_of_an_anchored_boot_is_shifted_to_its_true_time() -> None:
-    stamp = Stamp(BOOT, accepted_mono=100.0, accepted_wall=86400.0)  # 1970-01-02
-    decision = decide(
+def _decide_anchored(stamp: Stamp) -> Decision:
+    """A held item of this boot, whose true time is known (TRUE_NOW at monotonic 400)."""
+    return decide(
         stamp,
         True,
         anchors={BOOT: _anchor(TRUE_NOW, 400.0)},
@@ -113,22 +113,18 @@ def test_item_of_an_anchored_boot_is_shifted_to_its_true_time() -> None:
         started_mono=0.0,
         settings=SETTINGS,
     )
+
+
+def test_item_of_an_anchored_boot_is_shifted_to_its_true_time() -> None:
+    stamp = Stamp(BOOT, accepted_mono=100.0, accepted_wall=86400.0)  # 1970-01-02
+    decision = _decide_anchored(stamp)
     assert decision.release is Release.CORRECTED
     assert stamp.accepted_wall + decision.shift == pytest.approx(TRUE_NOW - 300.0)
 
 
 def test_a_small_error_moves_nothing() -> None:
     stamp = Stamp(BOOT, accepted_mono=100.0, accepted_wall=TRUE_NOW - 300.0 + 4.0)
-    decision = decide(
-        stamp,
-        True,
-        anchors={BOOT: _anchor(TRUE_NOW, 400.0)},
-        current_boot=BOOT,
-        mono_now=500.0,
-        started_mono=0.0,
-        settings=SETTINGS,
-    )
-    assert decision == Decision(Release.UNCHANGED)
+    assert _decide_anchored(stamp) == Decision(Release.UNCHANGED)
 
 
 def test_held_item_waits_until_max_hold_then_goes_uncorrected() -> None:

@@ -6,7 +6,6 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -27,14 +26,6 @@ from tests.unit.test_store_helpers import (
     item,
     writer_blocked,
 )
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(config(tmp_path))
-    s.open()
-    yield s
-    s.close()
 
 
 def test_constructor_does_no_io(tmp_path: Path) -> None:

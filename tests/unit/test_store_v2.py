@@ -10,11 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from agent.clock import Releasable
 from agent.store import SCHEMA_VERSION, QueueEntry, Store
@@ -183,14 +180,6 @@ def test_migration_from_v1_removes_every_credential_and_keeps_everything_else(
         assert "AUTOINCREMENT" not in sql and "authorization_token" not in sql
     finally:
         conn.close()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(config(tmp_path, max_bytes=10**6))
-    s.open()
-    yield s
-    s.close()
 
 
 def track(store: Store, *items: OutboundItem, app: str = "kiosk", held: bool = False) -> None:

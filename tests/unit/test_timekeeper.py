@@ -8,8 +8,6 @@ import email.utils
 import itertools
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,19 +24,11 @@ from agent.store import Store
 from agent.sync.transport import Response, TimeSample
 from agent.timekeeper import ANCHORS_META, Timekeeper, stamp_of
 from tests.fixtures.daemon import wait_for
-from tests.unit.test_store_helpers import P1, config, item
+from tests.unit.test_store_helpers import P1, item
 
 SETTINGS = ClockConfig(hold_unsynced=True, max_hold=600.0, min_correction=5.0)
 SYNCED = KernelClock(state=0, status=0, maxerror_us=1000)
 UNSYNCED = KernelClock(state=5, status=STA_UNSYNC, maxerror_us=16_000_000)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(config(tmp_path, max_bytes=10**6))
-    s.open()
-    yield s
-    s.close()
 
 
 def test_the_stores_release_filter_matches_decide(store: Store) -> None:
