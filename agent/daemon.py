@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import EX_CONFIG, AgentConfig, ConfigError, default_config_path, load_config
+from agent.config import (
+    EX_CONFIG,
+    AgentConfig,
+    ConfigError,
+    default_config_path,
+    load_config,
+    socket_input_problem,
+)
 from agent.device import read_device_info
 from agent.dispatch import Dispatcher
 from agent.engine import Engine, Runner
@@ -226,15 +233,16 @@ class Daemon:
         self.notifier.reloading()
         try:
             config = await self._loop.run_in_executor(self._control, load_config, self.config_path)
-            problem = self.server.line_limit_problem(config.limits.max_command_bytes)
-            if problem is not None:
-                source = str(self.config_path or "built-in defaults")
-                raise ConfigError([("limits.max_command_bytes", problem)], source)
         except ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            self.reload_error = str(exc)
-            self.config_generation += 1
-            self.notifier.ready()
+            self._refuse_reload(str(exc))
+            return
+        # Socket settings apply at restart: the new line limit must suit the running socket.
+        problem = socket_input_problem(self.server.max_connections, config.limits.max_command_bytes)
+        if problem is not None:
+            self._refuse_reload(
+                f"limits.max_command_bytes: with the running socket.max_connections: {problem} "
+                "(socket.max_connections changes only with a restart)"
+            )
             return
         needs_restart = [
             f"{section}.{key}"
@@ -265,6 +273,12 @@ class Daemon:
         self.config_generation += 1
         self.notifier.ready()
         self._publish_status()
+
+    def _refuse_reload(self, reason: str) -> None:
+        log.error("reload refused, keeping the running configuration: %s", reason)
+        self.reload_error = reason
+        self.config_generation += 1
+        self.notifier.ready()
 
     async def _watchdog(self) -> None:
         """Pets the systemd watchdog only while the loop runs and the writer makes progress."""

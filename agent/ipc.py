@@ -497,23 +497,6 @@ class SocketServer:
         self._to_flush: dict[_Connection, None] = {}  # connections with replies to write
         self._refusals = RateLimitedLog(log)
 
-    def line_limit_problem(self, max_command_bytes: int) -> str | None:
-        """Why the running server may not take `max_command_bytes` (a reload's
-        `limits.max_command_bytes`), or None. The config's own check pairs it with the file's
-        `socket.max_connections`, but socket settings change only with a restart: the
-        connections this server admits, each holding up to one partial line, must stay within
-        `MAX_SOCKET_INPUT_BYTES` too."""
-        held = self.max_connections * max_command_bytes
-        if held <= MAX_SOCKET_INPUT_BYTES:
-            return None
-        return (
-            f"limits.max_command_bytes = {max_command_bytes} with the running "
-            f"socket.max_connections = {self.max_connections} would let partial commands hold "
-            f"{held} bytes; at most {MAX_SOCKET_INPUT_BYTES} (16 MiB). Lower "
-            "limits.max_command_bytes, or restart the agent to apply a lower "
-            "socket.max_connections first"
-        )
-
     def schedule_flush(self, connection: _Connection) -> None:
         """Write `connection`'s ready replies in this loop pass's last step: replies of every
         batch that completed meanwhile go out in one write per connection."""

@@ -146,20 +146,32 @@ def thread_names(pid: int) -> dict[int, str]:
 @contextmanager
 def deb_command(deb: Path | None, build: bool) -> Iterator[list[str] | None]:
     """The command that runs the CLI of a built package's virtualenv, unpacked in a temp dir:
-    `[its bin/python3, its bin/engagement-agent]`; None when neither option asks for it."""
+    `[its bin/python3, its bin/engagement-agent]`; None when neither option asks for it, or
+    when the package cannot be built or run here (said on stdout: the other rows still run,
+    and the development venv's idle-RSS row then carries the target)."""
     if deb is None and not build:
         yield None
         return
     with tempfile.TemporaryDirectory(prefix="bench-deb-") as tmp:
-        if deb is None:
-            print("building the .deb with deploy/build-deb.sh ...", flush=True)
-            deb = build_deb(REPO, Path(tmp) / "dist")
-        root = Path(tmp) / "root"
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        try:
+            if deb is None:
+                print("building the .deb with deploy/build-deb.sh ...", flush=True)
+                deb = build_deb(REPO, Path(tmp) / "dist")
+            root = Path(tmp) / "root"
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        except (AssertionError, OSError, subprocess.SubprocessError) as exc:
+            print(f"the .deb rows are left out: cannot build or unpack the package: {exc}")
+            yield None
+            return
         venv = root / PREFIX
         python = venv / "bin" / "python3"
         if not python.exists():  # a link to the target's interpreter, absent on this host
-            raise SystemExit(f"{deb}: {python} links to {os.readlink(python)}, not on this host")
+            print(
+                f"the .deb rows are left out: {python} links to {os.readlink(python)}, "
+                "which this host does not have (Debian 12's python3.11)"
+            )
+            yield None
+            return
         yield [str(python), str(venv / "bin" / "engagement-agent")]
 
 

@@ -1,6 +1,6 @@
 """CPU work per command, counted in instructions under callgrind: the same on a busy machine.
 
-    python3 bench/bench_instructions.py            # ~5 minutes (valgrind is ~50× slower)
+    python3 bench/bench_instructions.py            # ~2.5 minutes (valgrind is ~50× slower)
     python3 bench/bench_instructions.py --quick    # 1 and 4 connections, fewer commands
     python3 bench/bench_instructions.py --json out.json
 
@@ -15,9 +15,9 @@ counting is switched on (`callgrind_control -i on`) for a pipelined run of `trac
 commands exactly as in bench_socket.py (`queue.durability = "full"`, MQTT off), and off again.
 Rows: instructions per command for 1, 4 and 16 connections, with the event loop's and the
 store writer's shares. The peer, in the same run and the same way: persist-queue's
-`SQLiteAckQueue.put` of the same payloads (`synchronous=FULL`, one thread), instructions per
-item. Needs valgrind (Debian's `valgrind`). Results: docs/benchmarks.md, "Instructions per
-command".
+`SQLiteAckQueue.put` of items of the same shape and size (bench_queue.py's, `synchronous=FULL`,
+one thread), instructions per item. Needs valgrind (Debian's `valgrind`). Results:
+docs/benchmarks.md, "Instructions per command".
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_queue import make_item  # noqa: E402
 from bench_socket import Row, daemon_config, make_row, pipelined, print_rows, write_json  # noqa: E402
 
 from tests.fixtures.daemon import AgentProcess  # noqa: E402
@@ -160,7 +159,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
         sys.exit("bench_instructions.py needs valgrind (apt-get install valgrind)")
     count = args.count or (4_000 if args.quick else 10_000)
     connection_counts = (1, 4) if args.quick else (1, 4, 16)
-    make_item(0)  # the payloads the peer puts are bench_queue's, as in bench_socket.py
     peer = peer_instructions(max(500, count // 10))
     rows: list[Row] = []
     for connections in connection_counts:

@@ -32,6 +32,7 @@ from agent.config.model import (
     QueueConfig,
     SocketConfig,
     SyncConfig,
+    socket_input_problem,
 )
 
 __all__ = [
@@ -53,4 +54,5 @@ __all__ = [
     "default_config_path",
     "default_state_paths",
     "load_config",
+    "socket_input_problem",
 ]

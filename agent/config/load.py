@@ -31,13 +31,13 @@ from agent.commands import EVENT_TYPES
 from agent.config.model import (
     APPS_RESERVED_KEYS,
     DEFAULT_PROJECT_NAME,
-    MAX_SOCKET_INPUT_BYTES,
     PROJECT_NAME_TAG,
     PROJECT_TABLE_TAG,
     SYSTEM_RUNTIME_DIR,
     SYSTEM_STATE_DIR,
     AgentConfig,
     ProjectConfig,
+    socket_input_problem,
 )
 from agent.tracker.model import ProjectKey
 
@@ -458,15 +458,9 @@ def _check_conflicting_projects(config: AgentConfig, load: _Load) -> None:
 
 
 def _check_socket_input(config: AgentConfig, load: _Load) -> None:
-    """Every socket connection may hold a partial line; together they stay within what keeps
-    hostile clients under 64 MB (docs/security.md)."""
-    held = config.socket.max_connections * config.limits.max_command_bytes
-    if held > MAX_SOCKET_INPUT_BYTES:
-        load.problem(
-            ("limits", "max_command_bytes"),
-            f"socket.max_connections × limits.max_command_bytes is {held} bytes; at most "
-            f"{MAX_SOCKET_INPUT_BYTES} (16 MiB) are allowed, lower one of them",
-        )
+    problem = socket_input_problem(config.socket.max_connections, config.limits.max_command_bytes)
+    if problem is not None:
+        load.problem(("limits", "max_command_bytes"), problem)
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:

@@ -266,6 +266,21 @@ MAX_OWED_REPLY_BYTES_PER_UID = 32 * 1024 * 1024
 MAX_SOCKET_INPUT_BYTES = 16 * 1024 * 1024
 
 
+def socket_input_problem(max_connections: int, max_command_bytes: int) -> str | None:
+    """Why `max_connections` connections, each holding a partial line of up to
+    `max_command_bytes`, are too many together (docs/security.md), or None. Checked when the
+    config is loaded, and on reload against the running socket (its `max_connections` changes
+    only with a restart)."""
+    held = max_connections * max_command_bytes
+    if held <= MAX_SOCKET_INPUT_BYTES:
+        return None
+    return (
+        f"socket.max_connections ({max_connections}) × limits.max_command_bytes "
+        f"({max_command_bytes}) is {held} bytes; at most {MAX_SOCKET_INPUT_BYTES} (16 MiB) are "
+        "allowed, lower one of them"
+    )
+
+
 class SocketConfig(_Section):
     path: Path = SYSTEM_RUNTIME_DIR / "agent.sock"
     #: Octal permission bits as a string ("0660"); kept a string so TOML and env agree on base.

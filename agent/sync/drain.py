@@ -83,8 +83,9 @@ def resolve(config: AgentConfig, row: ProjectRow) -> Project | None:
 
 
 class Owner(Protocol):
-    """What a drain asks of the worker that runs it. Every call takes the worker's lock (the
-    waits on its condition, releasing it while they wait); the drain holds no lock itself."""
+    """What a drain asks of the worker that runs it. Every call but `row` (fixed for the
+    worker's life) takes the worker's lock (the waits on its condition, releasing it while they
+    wait); the drain holds no lock itself."""
 
     @property
     def row(self) -> ProjectRow: ...
@@ -132,7 +133,9 @@ class Owner(Protocol):
 class Drain:
     """Drains one project for its worker's thread; holds no state between drains."""
 
-    def __init__(self, shared: Shared, owner: Owner, transport: Transport, journal: Journal):
+    def __init__(
+        self, shared: Shared, owner: Owner, transport: Transport, journal: Journal
+    ) -> None:
         self._shared = shared
         self._owner = owner
         self._transport = transport

@@ -27,7 +27,8 @@ from agent.sync.schedule import Kind, Outcome, Schedule, Settings
 from agent.sync.triggers import Job, Sleep, Triggers, next_step
 
 
-def settings_of(config: AgentConfig) -> Settings:
+def _settings_of(config: AgentConfig) -> Settings:
+    """The schedule's view of the `[sync]` section."""
     sync = config.sync
     return Settings(sync.max_backoff, sync.probe_interval, sync.flush_mode != "manual")
 
@@ -112,7 +113,7 @@ class Worker:
     # -- the thread ------------------------------------------------------------------------
 
     def _settings(self) -> Settings:
-        return settings_of(self.shared.config)
+        return _settings_of(self.shared.config)
 
     def _run(self) -> None:
         try:
@@ -233,4 +234,4 @@ class Worker:
             self.journal.store_recovered(attempts)
 
 
-__all__ = ["Worker", "settings_of"]
+__all__ = ["Worker"]

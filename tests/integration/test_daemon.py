@@ -94,7 +94,8 @@ def test_reload_cannot_raise_the_line_limit_past_what_the_running_socket_admits(
     agent.process.send_signal(signal.SIGHUP)
     agent.wait_notification("READY=1")
     error = agent.status()["config"]["reload_error"]
-    assert "limits.max_command_bytes" in error and "socket.max_connections = 256" in error
+    assert error.startswith("limits.max_command_bytes: with the running socket.max_connections")
+    assert "socket.max_connections (256) × limits.max_command_bytes (1048576)" in error
     big = {"command": "track_event", "name": "big", "properties": {"blob": "x" * 100_000}}
     assert agent.request(big)["error"]["code"] == "too_large"  # the running limit holds
 

@@ -200,7 +200,10 @@ def test_socket_limits_defaults_bounds_and_env(tmp_path: Path) -> None:
     assert "max_connections_per_uid × max_pending_reply_bytes" in found["socket"]
     # Every connection may hold a partial line: 16 MiB of them at most in all.
     found = problems(tmp_path, "[limits]\nmax_command_bytes = 131072\n")
-    assert "socket.max_connections × limits.max_command_bytes" in found["limits.max_command_bytes"]
+    assert (
+        "socket.max_connections (256) × limits.max_command_bytes (131072) is 33554432 bytes"
+        in found["limits.max_command_bytes"]
+    )
     path = write(
         tmp_path, "[limits]\nmax_command_bytes = 131072\n[socket]\nmax_connections = 128\n"
     )
