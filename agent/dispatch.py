@@ -60,6 +60,10 @@ TRANSPORTS: tuple[Transport, ...] = ("socket", "mqtt")
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+#: The reply to most tracking commands sent without a request id.
+_OK_WITHOUT_REQUEST_ID = b'{"ok":true,"request_id":null,"result":{}}'
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a command came from: decides the app name and which permission checks apply."""
@@ -96,7 +100,9 @@ class Reply:
     def encode(self) -> bytes:
         """Compact JSON without a trailing newline."""
         if self.error is None and not self.result:  # most tracking commands: spelled out
-            request_id = "null" if self.request_id is None else _encode_json(self.request_id)
+            if self.request_id is None:
+                return _OK_WITHOUT_REQUEST_ID
+            request_id = _encode_json(self.request_id)
             return f'{{"ok":true,"request_id":{request_id},"result":{{}}}}'.encode()
         return _encode_json(self.to_dict()).encode()
 

@@ -207,6 +207,9 @@ class Runner:
                     results.append({"app": accepted.app, **(outcome.result or {})})
                 else:
                     tracked = True
+                    if outcome.timer is None and not self._timers:
+                        results.append(outcome.result)  # no timer to arm or cancel
+                        continue
                     try:
                         self._after_outcome(accepted.app, outcome)
                     except Exception as exc:

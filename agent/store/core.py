@@ -518,8 +518,10 @@ class Store(StoreReads):
             _run_hooks(txn.rollback_hooks, "after_rollback")
             op.settle(error, finished, failed=True)
         for _, txn, _ in done:
-            _run_hooks(txn.commit_hooks, "after_commit")
-            enqueued |= txn.enqueued_projects
+            if txn.commit_hooks:
+                _run_hooks(txn.commit_hooks, "after_commit")
+            if txn.enqueued_projects:
+                enqueued |= txn.enqueued_projects
         callback = self.on_enqueued
         if enqueued and callback is not None:
             try:
