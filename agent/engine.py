@@ -207,9 +207,6 @@ class Runner:
                     results.append({"app": accepted.app, **(outcome.result or {})})
                 else:
                     tracked = True
-                    if outcome.timer is None and not self._timers:
-                        results.append(outcome.result)  # no timer to arm or cancel
-                        continue
                     try:
                         self._after_outcome(accepted.app, outcome)
                     except Exception as exc:
@@ -259,6 +256,8 @@ class Runner:
         self._timers.clear()
 
     def _after_outcome(self, app: str, outcome: Outcome) -> None:
+        if outcome.timer is None and not self._timers:
+            return  # nothing to arm or cancel: most commands, without reading the app state
         state = outcome.state
         if state.session != "background":
             entry = self._timers.pop(app, None)
