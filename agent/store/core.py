@@ -515,7 +515,8 @@ class Store(StoreReads):
         enqueued: set[int] = set()
         finished: list[_Group] = []
         for op, txn, error in failed:
-            _run_hooks(txn.rollback_hooks, "after_rollback")
+            if txn.rollback_hooks:
+                _run_hooks(txn.rollback_hooks, "after_rollback")
             op.settle(error, finished, failed=True)
         for _, txn, _ in done:
             if txn.commit_hooks:
@@ -643,7 +644,8 @@ class Store(StoreReads):
         error = Unavailable(message)
         for txn in started:
             txn.closed = True
-            _run_hooks(txn.rollback_hooks, "after_rollback")
+            if txn.rollback_hooks:
+                _run_hooks(txn.rollback_hooks, "after_rollback")
         finished: list[_Group] = []
         for op in batch:
             # Ops after the failing one were never started; they fail the same way.

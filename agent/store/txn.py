@@ -94,13 +94,15 @@ class Txn:
     def __init__(self, state: WriterState) -> None:
         self._state = state
         self._conn = state.conn
-        self.commit_hooks: list[Callable[[], object]] = []
-        self.rollback_hooks: list[Callable[[], object]] = []
-        self.new_projects: dict[ProjectKey, ProjectRow] = {}
+        # A Txn is made per op, i.e. per command: what most ops never use (hooks, app states,
+        # meta, new projects) is made when first needed.
+        self.commit_hooks: list[Callable[[], object]] | None = None
+        self.rollback_hooks: list[Callable[[], object]] | None = None
+        self.new_projects: dict[ProjectKey, ProjectRow] | None = None
         self.enqueued_projects: set[int] = set()
         self.rows: list[Row] = []
-        self.states: dict[str, str] = {}
-        self.meta: dict[str, str] = {}
+        self.states: dict[str, str] | None = None
+        self.meta: dict[str, str] | None = None
         #: Whether this op's SAVEPOINT is open (it ran SQL directly).
         self.savepoint = False
         self.closed = False
@@ -413,8 +415,11 @@ class Txn:
         self._check()
         key = project.key
         state = self._state
+        new_projects = self.new_projects
         row = (
-            self.new_projects.get(key) or state.staged_projects.get(key) or state.projects.get(key)
+            (new_projects is not None and new_projects.get(key))
+            or state.staged_projects.get(key)
+            or state.projects.get(key)
         )
         if row is None:
             found = (
@@ -434,11 +439,15 @@ class Txn:
                 row = ProjectRow(new_id, key[0], key[1])
             else:
                 row = ProjectRow(found[0], key[0], key[1])
-            self.new_projects[key] = row
+            if new_projects is None:
+                self.new_projects = new_projects = {}
+            new_projects[key] = row
         return row
 
     def save_app_state(self, app: str, state: AppState) -> None:
         self._check()
+        if self.states is None:
+            self.states = {}
         self.states[app] = state.model_dump_json()
 
     def set_meta(self, key: str, value: str) -> None:
@@ -447,15 +456,21 @@ class Txn:
             raise ValueError(
                 f"meta keys starting with {RESERVED_META_PREFIX!r} belong to the store"
             )
+        if self.meta is None:
+            self.meta = {}
         self.meta[key] = value
 
     # -- hooks ------------------------------------------------------------------------------------
     def after_commit(self, fn: Callable[[], object]) -> None:
         self._check()
+        if self.commit_hooks is None:
+            self.commit_hooks = []
         self.commit_hooks.append(fn)
 
     def after_rollback(self, fn: Callable[[], object]) -> None:
         self._check()
+        if self.rollback_hooks is None:
+            self.rollback_hooks = []
         self.rollback_hooks.append(fn)
 
     @property
@@ -474,10 +489,10 @@ class Txn:
             conn.execute("SAVEPOINT op")
             self.savepoint = True
         if self.rows or self.states or self.meta:
-            write_buffers(conn, self.rows, self.states, self.meta)
+            write_buffers(conn, self.rows, self.states or {}, self.meta or {})
             self.rows = []
-            self.states = {}
-            self.meta = {}
+            self.states = None
+            self.meta = None
         return conn
 
     def _check(self) -> None:

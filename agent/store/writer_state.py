@@ -52,9 +52,13 @@ def _encode_payload(payload: Any) -> bytes:
         data = pydantic_core.to_json(payload)
     except Exception:
         return _json_encode(payload).encode()
-    # find(), not `in`: bytes.__contains__ first tries the argument as an int, and the
-    # TypeError it builds and drops costs more than both scans.
-    if data.find(b"Infinity") >= 0 or data.find(b"NaN") >= 0:
+    # A bare `Infinity` has an "I", a bare `NaN` an "N": most payloads have neither, and a
+    # one-byte find (memchr) costs a third of a pattern's. find(), not `in`:
+    # bytes.__contains__ first tries the argument as an int, and the TypeError it builds and
+    # drops costs more than the scan.
+    if (data.find(b"I") >= 0 and data.find(b"Infinity") >= 0) or (
+        data.find(b"N") >= 0 and data.find(b"NaN") >= 0
+    ):
         return _json_encode(payload).encode()
     return data
 

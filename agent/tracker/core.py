@@ -106,30 +106,31 @@ def handle(
     if kind is GetCustomer:
         return _on_get_customer(run)
     switch = switch_for(command, run.state, settings) if type(command) is Anonymize else None
-    # Read by the relaunch rule of this very command, so remembered only after it.
+    # The command's time, for its items and its state; the relaunch rule of this very command
+    # reads the previous one, so it is remembered only after it.
     command_at = _timestamp_of(command, ctx)
 
     if kind is not Anonymize and kind is not SetDefaultProperties:
         # The first tracking command of an app installs it, before its own items. Anonymize
         # installs its new customer itself (an app whose very first command is anonymize
         # sends one installation); set_default_properties installs after setting them.
-        _install_once(run, _timestamp_of(command, ctx))
+        _install_once(run, command_at)
 
     match command:
         case TrackEvent():
-            _on_track_event(run, command)
+            _on_track_event(run, command, command_at)
         case IdentifyCustomer():
             _on_identify_customer(run, command)
         case Anonymize():
             _on_anonymize(run, switch)
         case TrackSessionStart():
-            _on_track_session_start(run, _timestamp_of(command, ctx))
+            _on_track_session_start(run, command_at)
         case TrackSessionEnd():
-            _on_track_session_end(run, _timestamp_of(command, ctx))
+            _on_track_session_end(run, command_at)
         case AppForeground():
-            _on_app_foreground(run, command, _timestamp_of(command, ctx))
+            _on_app_foreground(run, command, command_at)
         case AppBackground():
-            _on_app_background(run, command, _timestamp_of(command, ctx))
+            _on_app_background(run, command, command_at)
         case TrackPushToken():
             _on_track_push_token(run, command.token, "fcm")
         case TrackHmsPushToken():
@@ -137,7 +138,7 @@ def handle(
         case VerifyPushToken():
             _verify_push_token(run, ctx.now)
         case TrackPayment():
-            _on_track_payment(run, command)
+            _on_track_payment(run, command, command_at)
         case SetDefaultProperties():
             _on_set_default_properties(run, command)
         case _:  # pragma: no cover - guarded by the type checker
@@ -306,10 +307,10 @@ def _on_set_default_properties(run: _Run, command: SetDefaultProperties) -> None
     _install_once(run, run.ctx.now)
 
 
-def _on_track_event(run: _Run, command: TrackEvent) -> None:
+def _on_track_event(run: _Run, command: TrackEvent, timestamp: float) -> None:
     category = "banner" if command.name == "banner" else "track_event"
     properties = _event_properties(run, command.properties)
-    run.event(category, command.name, _timestamp_of(command, run.ctx), properties)
+    run.event(category, command.name, timestamp, properties)
 
 
 def _on_identify_customer(run: _Run, command: IdentifyCustomer) -> None:
@@ -318,7 +319,7 @@ def _on_identify_customer(run: _Run, command: IdentifyCustomer) -> None:
     run.customer_update("track_customer", run.ctx.now, properties)
 
 
-def _on_track_payment(run: _Run, command: TrackPayment) -> None:
+def _on_track_payment(run: _Run, command: TrackPayment, timestamp: float) -> None:
     item = command.item
     payment: dict[str, Any] = {
         "brutto": item.value,
@@ -330,7 +331,7 @@ def _on_track_payment(run: _Run, command: TrackPayment) -> None:
     if item.receipt is not None:
         payment["receipt"] = item.receipt
     properties = _event_properties(run, payment, with_device=True)
-    run.event("payment", "payment", _timestamp_of(command, run.ctx), properties)
+    run.event("payment", "payment", timestamp, properties)
 
 
 def _on_track_session_start(run: _Run, timestamp: float) -> None:
