@@ -284,6 +284,9 @@ def _tag(cls: type[_Command]) -> str:
 COMMAND_NAMES = tuple(sorted(_tag(cls) for cls in TRACKING_COMMANDS + QUERY_COMMANDS))
 
 _command_adapter: TypeAdapter[Any] = TypeAdapter(cast(Any, Command))
+#: The adapter's compiled validator, called directly on the hot path: `TypeAdapter.validate_json`
+#: first sorts out options the agent never passes, which costs a quarter of the validation.
+_validate_command_json = _command_adapter.validator.validate_json
 
 
 # Exact types, not isinstance: pydantic's model metaclass is an ABCMeta, whose isinstance is
@@ -403,7 +406,7 @@ def parse_valid_command(data: bytes) -> Any | None:
     non-finite numbers and depth, without building the field paths only an error needs.
     """
     try:
-        command = _command_adapter.validate_json(data, strict=True)
+        command = _validate_command_json(data, strict=True)
     except ValidationError:
         return None
     if type(command) in _FREE_FORM_TYPES and not _plain(command.properties.values(), 1):

@@ -97,17 +97,14 @@ class Engine:
         with one callback for all of them instead of a future each. `on_done(results)` runs on
         the writer thread once every command is committed or failed: `results[i]` is command
         i's `Outcome` or the exception that refused it."""
-        # One partial per command (built on the loop, per pipelined command) rather than
-        # two closures: the op is `_apply(app, now, command, txn)`.
-        apply = self._apply
-        self._store.submit_group(
-            [partial(apply, app, now, command) for app, command, now in commands], on_done
-        )
+        # The triples are the ops' arguments as they are: the op is `_apply(app, command,
+        # now, txn)`, with no closure built per pipelined command.
+        self._store.submit_group(self._apply, commands, on_done)
 
     def expire_session(
         self, app: str, background_at: float, now: float
     ) -> concurrent.futures.Future[Outcome]:
-        return self._store.submit(partial(self._apply, app, now, _Expiry(background_at)))
+        return self._store.submit(partial(self._apply, app, _Expiry(background_at), now))
 
     def pending_timers(self, now: float) -> list[tuple[str, float, float]]:
         """(app, delay, background_at) for sessions left in background by a previous run."""
@@ -130,7 +127,7 @@ class Engine:
                 cache[app] = settings
         return settings
 
-    def _apply(self, app: str, now: float, command: Any, txn: Txn) -> Outcome:
+    def _apply(self, app: str, command: Any, now: float, txn: Txn) -> Outcome:
         """Run `command` (a tracking command, `get_customer`, or an `_Expiry`) for `app` in
         `txn`: the tracker decides, the items and the new state are written."""
         settings = self._settings_for(app)

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from agent.config import QueueConfig
@@ -74,18 +74,21 @@ class _Group:
 
 
 class _Op:
-    """One op: settled through its own future (`submit`) or its group's slot (`submit_group`)."""
+    """One op, `fn(*args, txn)`: settled through its own future (`submit`) or its group's slot
+    (`submit_group`)."""
 
-    __slots__ = ("fn", "future", "group", "index")
+    __slots__ = ("args", "fn", "future", "group", "index")
 
     def __init__(
         self,
-        fn: Callable[[Txn], Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
         future: concurrent.futures.Future[Any] | None,
         group: _Group | None = None,
         index: int = 0,
     ) -> None:
         self.fn = fn
+        self.args = args
         self.future = future
         self.group = group
         self.index = index
@@ -388,36 +391,42 @@ class Store(StoreReads):
                 return future
             if not self._pending and not self._busy:
                 self._progress_at = time.monotonic()  # the stall clock starts with the work
-            self._pending.append(_Op(op, future))
+            self._pending.append(_Op(op, (), future))
             if self._writer_waiting:
                 self._cond.notify()
         return future
 
     def submit_group(
-        self, ops: list[Callable[[Txn], Any]], on_done: Callable[[list[Any]], object]
+        self,
+        fn: Callable[..., Any],
+        calls: Sequence[tuple[Any, ...]],
+        on_done: Callable[[list[Any]], object],
     ) -> None:
-        """Run each op exactly as `submit` would, in order; then call `on_done(results)` once.
+        """Run `fn(*args, txn)` for each `args` of `calls` as its own op, exactly as `submit`
+        would, in order; then call `on_done(results)` once.
 
-        `results[i]` is op i's return value, or the exception it failed with (its own
+        `results[i]` is call i's return value, or the exception it failed with (its own
         AgentError, or Unavailable when its transaction was lost). `on_done` runs on the
         writer thread after the transaction holding the group's last op committed (or
-        failed); it must not block. This saves a Future, with its lock and condition, per op:
-        the socket submits each chunk of pipelined commands as one group. After close (or
-        before open) `on_done` runs at once, on the calling thread, with Unavailable for all.
+        failed); it must not block. This saves a Future, with its lock and condition, and a
+        closure per op: the socket submits each chunk of pipelined commands as one group.
+        After close (or before open) `on_done` runs at once, on the calling thread, with
+        Unavailable for all.
         """
-        if not ops:
+        if not calls:
             return
-        group = _Group(len(ops), on_done)
+        group = _Group(len(calls), on_done)
+        ops = [_Op(fn, args, None, group, i) for i, args in enumerate(calls)]
         with self._cond:
             if self._accepting:
                 if not self._pending and not self._busy:
                     self._progress_at = time.monotonic()
-                self._pending.extend(_Op(fn, None, group, i) for i, fn in enumerate(ops))
+                self._pending.extend(ops)
                 if self._writer_waiting:
                     self._cond.notify()
                 return
         closed = Unavailable("the queue database is closed")
-        on_done([closed] * len(ops))
+        on_done([closed] * len(calls))
 
     def writer_healthy(self, max_stall: float) -> bool:
         """False when work is waiting and the writer has not finished a batch for `max_stall`
@@ -542,7 +551,7 @@ class Store(StoreReads):
         before = state.counters.copy()
         self._current_txn = txn
         try:
-            value = op.fn(txn)
+            value = op.fn(*op.args, txn)
         except Exception as exc:
             txn.closed = True
             if isinstance(exc, sqlite3.Error) and (_is_fatal(exc) or not conn.in_transaction):
