@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.wire import parse_http_date
@@ -332,34 +332,29 @@ class ClockKeeper:
     started_mono: float
     settings: ClockConfig
     kernel_synchronized: bool = False
-    anchors: dict[str, Anchor] | None = None
+    anchors: dict[str, Anchor] = field(default_factory=dict)
     corrected: int = 0
     uncorrected: int = 0
     skew_seconds: float | None = None
 
-    def __post_init__(self) -> None:
-        if self.anchors is None:
-            self.anchors = {}
-
-    @property
-    def _anchors(self) -> dict[str, Anchor]:
-        assert self.anchors is not None
-        return self.anchors
-
     @property
     def truth_known(self) -> bool:
         """Is the true time known for items accepted now?"""
-        return self.boot_id in self._anchors
+        return self.boot_id in self.anchors
 
     @property
     def source(self) -> Source:
         if self.kernel_synchronized:
             return "ntp"
-        anchor = self._anchors.get(self.boot_id)
+        anchor = self.anchors.get(self.boot_id)
         return "api" if anchor is not None and anchor.source == "api" else "none"
 
     def hold_new_items(self) -> bool:
-        return should_hold(self.kernel_synchronized, self.truth_known, self.settings)
+        """`should_hold` now. Asked for every command: a synchronized kernel clock, the common
+        case, answers without the rest."""
+        if self.kernel_synchronized:
+            return False
+        return should_hold(False, self.boot_id in self.anchors, self.settings)
 
     def observe_kernel(self, kernel: KernelClock | None, wall_now: float, mono_now: float) -> bool:
         """A kernel reading. True when it settled the true time for this boot just now."""
@@ -387,7 +382,7 @@ class ClockKeeper:
         return not known
 
     def _remember(self, anchor: Anchor) -> None:
-        anchors = self._anchors
+        anchors = self.anchors
         anchors[anchor.boot_id] = better_anchor(anchors.get(anchor.boot_id), anchor)
         while len(anchors) > MAX_ANCHORS:
             oldest = next(boot for boot in anchors if boot != self.boot_id)
@@ -397,7 +392,7 @@ class ClockKeeper:
         return decide(
             stamp,
             held,
-            anchors=self._anchors,
+            anchors=self.anchors,
             current_boot=self.boot_id,
             mono_now=mono_now,
             started_mono=self.started_mono,
@@ -409,7 +404,7 @@ class ClockKeeper:
         settings = self.settings
         return Releasable(
             everything=not settings.hold_unsynced,
-            boots=tuple(self._anchors),
+            boots=tuple(self.anchors),
             current_boot=self.boot_id,
             current_until=mono_now - settings.max_hold,
             earlier_boots=mono_now - self.started_mono >= settings.max_hold,
@@ -439,7 +434,7 @@ class ClockKeeper:
         return json.dumps(
             [
                 [a.boot_id, a.true_time, a.boot_mono, a.uncertainty, a.source]
-                for a in self._anchors.values()
+                for a in self.anchors.values()
             ]
         )
 

@@ -62,6 +62,7 @@ _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encod
 
 #: The reply to most tracking commands sent without a request id.
 _OK_WITHOUT_REQUEST_ID = b'{"ok":true,"request_id":null,"result":{}}'
+_OK_WITHOUT_REQUEST_ID_LINE = _OK_WITHOUT_REQUEST_ID + b"\n"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,12 @@ class Reply:
             request_id = _encode_json(self.request_id)
             return f'{{"ok":true,"request_id":{request_id},"result":{{}}}}'.encode()
         return _encode_json(self.to_dict()).encode()
+
+    def line(self) -> bytes:
+        """The reply as a line of the socket protocol (`encode()` and a newline)."""
+        if self.error is None and not self.result and self.request_id is None:
+            return _OK_WITHOUT_REQUEST_ID_LINE
+        return self.encode() + b"\n"
 
 
 class Accepted:
@@ -246,7 +253,19 @@ class Dispatcher:
 
         def committed(results: list[Result]) -> None:
             self.in_flight -= len(commands)
-            done([self._finish(c, r) for c, r in zip(commands, results, strict=True)])
+            replies: list[Reply] = []
+            ok = 0
+            for command, result in zip(commands, results, strict=True):
+                if result is None:  # most tracking commands: the fast path of `_finish`
+                    ok += 1
+                    replies.append(Reply(command.request_id, command.app, command.command_name))
+                else:
+                    replies.append(self._finish(command, result))
+            if ok:
+                # A group comes from one transport: a socket connection or one MQTT pass.
+                counts = self._counts[commands[0].origin.transport]
+                counts["ok"] = counts.get("ok", 0) + ok
+            done(replies)
 
         try:
             self._writer.commit(commands, committed)

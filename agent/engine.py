@@ -134,12 +134,13 @@ class Engine:
         if settings is None:
             # The config was reloaded between the dispatcher's check and this op.
             raise UnknownApp(f"unknown app {app!r}")
-        max_apps = self._settings[0].apps.max_apps
         state = self._pending.get(app, self._states.get(app))
-        if state is None and len(self._states.keys() | self._pending.keys()) >= max_apps:
+        if state is None:
             # Every command for an app creates its state; the number of apps a client can
             # make the agent remember is bounded (docs/configuration.md, apps.max_apps).
-            raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
+            max_apps = self._settings[0].apps.max_apps
+            if len(self._states.keys() | self._pending.keys()) >= max_apps:
+                raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
         ctx = Context(now=now, new_uuid=self._new_uuid)
         if type(command) is _Expiry:
             outcome = tracker.expire_session(

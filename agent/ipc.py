@@ -86,10 +86,6 @@ def peer_uid(sock: socket.socket | None) -> int | None:
     return int(uid)
 
 
-def _line_of(reply: Reply) -> bytes:
-    return reply.encode() + b"\n"
-
-
 class _Slot:
     """One request's place in its connection's reply order.
 
@@ -142,7 +138,7 @@ class _Connection(asyncio.BufferedProtocol):
             reply = self._server.dispatcher.refuse(
                 Unavailable(refusal), Origin("socket", uid=self.uid)
             )
-            transport.write(_line_of(reply))
+            transport.write(reply.line())
             transport.close()
             return
         self._transport = transport
@@ -323,7 +319,7 @@ class _Connection(asyncio.BufferedProtocol):
             f"command line is longer than {limit} bytes (limits.max_command_bytes); "
             "it was discarded"
         )
-        self._ready(_Slot(line=_line_of(self._server.dispatcher.refuse(error, self._origin))))
+        self._ready(_Slot(line=self._server.dispatcher.refuse(error, self._origin).line()))
 
     def _ready(self, slot: _Slot) -> None:
         """Queue a slot whose reply is already known."""
@@ -336,7 +332,7 @@ class _Connection(asyncio.BufferedProtocol):
         dispatcher = server.dispatcher
         prepared = dispatcher.prepare(line, self._origin)
         if isinstance(prepared, Reply):
-            self._ready(_Slot(line=_line_of(prepared)))
+            self._ready(_Slot(line=prepared.line()))
             return
         if prepared.grouped:
             slot = _Slot(len(line))
@@ -357,7 +353,7 @@ class _Connection(asyncio.BufferedProtocol):
         def done(replies: list[Reply]) -> None:
             released = 0
             for slot, reply in zip(slots, replies, strict=True):
-                slot.line = _line_of(reply)
+                slot.line = reply.line()
                 self._ready_bytes += len(slot.line)
                 released += slot.size
             self._server.release(released)
@@ -375,9 +371,9 @@ class _Connection(asyncio.BufferedProtocol):
             error = InternalError("internal error; see the log")
             if not task.cancelled():
                 log.error("a socket query failed", exc_info=task.exception())
-            slot.line = _line_of(self._server.dispatcher.refuse(error, self._origin))
+            slot.line = self._server.dispatcher.refuse(error, self._origin).line()
         else:
-            slot.line = _line_of(task.result())
+            slot.line = task.result().line()
         self._ready_bytes += len(slot.line)
         self._flush_replies()
 
