@@ -141,7 +141,7 @@ class Engine:
             max_apps = self._settings[0].apps.max_apps
             if len(self._states.keys() | self._pending.keys()) >= max_apps:
                 raise UnknownApp(f"too many apps: at most {max_apps} (apps.max_apps) have state")
-        ctx = Context(now=now, new_uuid=self._new_uuid)
+        ctx = Context(now, self._new_uuid)
         if type(command) is _Expiry:
             outcome = tracker.expire_session(
                 state, settings, self._device, ctx, command.background_at

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.errors import QueueFull
 from agent.store.model import ProjectRow
@@ -21,9 +21,6 @@ from agent.store.writer_state import (
     write_buffers,
 )
 from agent.tracker.model import AppState, OutboundItem, Project
-
-if TYPE_CHECKING:
-    pass
 
 #: Ids per `IN (...)` list: far below SQLite's variable limit, large enough to be cheap.
 _CHUNK = 500
@@ -127,18 +124,23 @@ class Txn:
         Raises `QueueFull` when the items alone exceed `max_bytes`, or when the cap is reached
         under the `reject` policy; under `drop_oldest` the oldest rows (of any project) go.
         """
-        self._check()
+        if self.closed:
+            self._check()
         if not items:
             return
+        state = self._state
         encoded = []
         total = 0
-        encode = self._state.encode
+        encode = state.encode
+        known = state.projects
         for item in items:
             payload = bytearray(encode(item.payload))  # see `Row`
-            encoded.append((self.project_for(item.project).id, _kind(item.payload), payload))
+            # A committed project's row never changes: most items need no more than this.
+            row = known.get(item.project.key) or self.project_for(item.project)
+            encoded.append((row.id, _kind(item.payload), payload))
             total += len(payload)
-        counters = self._state.counters
-        cap = self._state.config.max_bytes
+        counters = state.counters
+        cap = state.config.max_bytes
         if total > cap:
             counters.rejected += 1
             raise QueueFull(
@@ -157,7 +159,6 @@ class Txn:
         app = None if app is None else app[:_MAX_LABEL]
         boot_id = None if boot_id is None else boot_id[:_MAX_LABEL]
         flag = int(held)
-        state = self._state
         for project_id, kind, payload in encoded:
             row_id = state.next_id
             state.next_id += 1
