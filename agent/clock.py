@@ -27,6 +27,7 @@ import ctypes.util
 import enum
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,10 @@ MAX_SYNCED_ERROR_US = 16_000_000
 MAX_ANCHORS = 8
 #: A `Date` header has whole seconds: the true time lies within this of its middle.
 DATE_HEADER_UNCERTAINTY = 0.5
+#: Tests of the hold rule set this to "1" so that the kernel's clock reads as not synchronized
+#: on a machine whose clock is (tests/integration/test_clock.py); never set on a device. Not
+#: `ENGAGEMENT_AGENT_…`: that prefix is the config's (docs/configuration.md).
+UNSYNCHRONIZED_CLOCK_ENV = "ENGAGEMENT_TEST_CLOCK_UNSYNCHRONIZED"
 
 Source = Literal["ntp", "api", "none"]
 
@@ -113,6 +118,9 @@ def read_kernel_clock() -> KernelClock | None:
         return None
     if state < 0:
         return None
+    if os.environ.get(UNSYNCHRONIZED_CLOCK_ENV) == "1":
+        status = int(timex.status) | STA_UNSYNC
+        return KernelClock(state=TIME_ERROR, status=status, maxerror_us=int(timex.maxerror))
     return KernelClock(state=state, status=int(timex.status), maxerror_us=int(timex.maxerror))
 
 

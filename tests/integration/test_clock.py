@@ -3,9 +3,10 @@ go out with corrected timestamps (docs/tracking.md, "Timestamps on devices witho
 real-time clock").
 
 The daemon runs as a subprocess against the API stand-in, whose clock (`system/time` and
-`Date`) is set hours or days away from this machine's. The machine's kernel must report an
-unsynchronized clock (CI containers and VMs usually do): that is the case under test. A
-reboot is simulated by changing the file the agent reads its boot id from.
+`Date`) is set hours or days away from this machine's. The daemon reads its kernel's clock as
+not synchronized, the case under test, even on a machine whose clock is
+(`UNSYNCHRONIZED_CLOCK_ENV`). A reboot is simulated by changing the file the agent reads its
+boot id from.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.clock import read_kernel_clock
+from agent.clock import UNSYNCHRONIZED_CLOCK_ENV
 from agent.device import BOOT_ID_PATH_ENV
 from agent_devtools.apistub import ApiStub
 from tests.fixtures.api import API_PROJECTS, api_project
@@ -28,11 +29,6 @@ DAY = 86400.0
 TIMEOUT = 30.0
 EVENT = "clock_probe"
 
-_kernel = read_kernel_clock()
-pytestmark = pytest.mark.skipif(
-    _kernel is not None and _kernel.synchronized,
-    reason="this machine's clock is synchronized; holding needs an unsynchronized one",
-)
 
 
 class Api:
@@ -65,7 +61,8 @@ def api() -> Iterator[Api]:
 
 
 class Boot:
-    """The boot id the agent reads: a new id is a reboot."""
+    """The boot id the agent reads (a new id is a reboot), and its kernel clock read as not
+    synchronized."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -75,7 +72,7 @@ class Boot:
         self.path.write_text(f"{uuid.uuid4()}\n")
 
     def env(self) -> dict[str, str]:
-        return {BOOT_ID_PATH_ENV: str(self.path)}
+        return {BOOT_ID_PATH_ENV: str(self.path), UNSYNCHRONIZED_CLOCK_ENV: "1"}
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from agent.clock import (
     MAX_SYNCED_ERROR_US,
     STA_UNSYNC,
     TIME_ERROR,
+    UNSYNCHRONIZED_CLOCK_ENV,
     Anchor,
     ClockKeeper,
     Decision,
@@ -60,6 +61,16 @@ def test_the_kernel_can_be_read_on_linux() -> None:
     kernel = read_kernel_clock()
     assert kernel is not None
     assert kernel.state >= 0
+
+
+def test_tests_can_have_the_kernel_clock_read_as_unsynchronized(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What tests/integration/test_clock.py relies on to run on a synchronized machine too."""
+    monkeypatch.setenv(UNSYNCHRONIZED_CLOCK_ENV, "1")
+    kernel = read_kernel_clock()
+    assert kernel is not None
+    assert not kernel.synchronized
 
 
 def test_probe_anchor_sits_in_the_middle_of_the_round_trip() -> None:
