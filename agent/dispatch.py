@@ -246,7 +246,10 @@ class Dispatcher:
 
     def submit(self, commands: Sequence[Accepted], done: Callable[[list[Reply]], None]) -> None:
         """Run `grouped` commands as one group on the writer; `done(replies)` on the loop once
-        every one of them is committed or refused (one refused command fails only itself)."""
+        every one of them is committed or refused (one refused command fails only itself).
+
+        The commands of a group come from one transport (a socket connection's chunk, or one
+        MQTT pass): their replies are counted for it together."""
         if not commands:
             return
         self.in_flight += len(commands)
@@ -256,13 +259,12 @@ class Dispatcher:
             replies: list[Reply] = []
             ok = 0
             for command, result in zip(commands, results, strict=True):
-                if result is None:  # most tracking commands: the fast path of `_finish`
+                if result is None:  # most tracking commands: `_finish`'s reply, counted below
                     ok += 1
                     replies.append(Reply(command.request_id, command.app, command.command_name))
                 else:
                     replies.append(self._finish(command, result))
             if ok:
-                # A group comes from one transport: a socket connection or one MQTT pass.
                 counts = self._counts[commands[0].origin.transport]
                 counts["ok"] = counts.get("ok", 0) + ok
             done(replies)

@@ -30,7 +30,6 @@ TIMEOUT = 30.0
 EVENT = "clock_probe"
 
 
-
 class Api:
     """The stand-in on a fixed port that can be down (connection refused) and come back."""
 

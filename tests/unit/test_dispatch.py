@@ -266,3 +266,18 @@ def test_an_error_reply_stays_small_whatever_the_command() -> None:
     small = make()[0].prepare(line(request_id="r2", extra=1), SOCKET)
     assert isinstance(small, Reply) and small.error is not None
     assert small.to_dict()["error"]["message"] == small.error.message
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(None, "kiosk", "track_event"),
+        Reply("r-1", "kiosk", "track_event"),
+        Reply(None, "kiosk", "get_customer", {"ids": {"cookie": "c"}}),
+        Reply(None, "kiosk", "track_event", error=QueueFull("the queue is full")),
+    ],
+)
+def test_a_replys_socket_line_is_its_json_and_a_newline(reply: Reply) -> None:
+    line = reply.line()
+    assert line == reply.encode() + b"\n"
+    assert json.loads(line) == reply.to_dict()

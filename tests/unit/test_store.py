@@ -194,6 +194,34 @@ def test_failing_op_rolls_back_only_itself(store: Store) -> None:
     assert_counters_match_file(store)
 
 
+def test_a_group_runs_each_call_as_its_own_op(store: Store) -> None:
+    """`submit_group(fn, calls, on_done)`: `fn(*args, txn)` per call, in order, one callback
+    with every result; a refused call fails only itself, its writes and hooks undone."""
+    events: list[str] = []
+    results: Future[list[object]] = Future()
+
+    def track(name: str, items: int, refuse: bool, txn: Txn) -> str:
+        txn.enqueue([item(n) for n in range(items)], 1.0)
+        txn.save_app_state(name, AppState(cookie=name))
+        txn.after_commit(lambda: events.append(f"commit {name}"))
+        txn.after_rollback(lambda: events.append(f"rollback {name}"))
+        if refuse:
+            raise InvalidState(f"{name} refused")
+        return name
+
+    with writer_blocked(store):
+        store.submit_group(
+            track, [("a", 1, False), ("b", 2, True), ("c", 1, False)], results.set_result
+        )
+    first, second, third = results.result(timeout=10)
+    assert (first, third) == ("a", "c")
+    assert isinstance(second, InvalidState)
+    assert events == ["rollback b", "commit a", "commit c"]
+    assert set(store.load_app_states()) == {"a", "c"}
+    assert store.stats().items == 2
+    assert_counters_match_file(store)
+
+
 def test_after_commit_runs_on_writer_before_the_future_resolves(store: Store) -> None:
     seen: list[str] = []
 
