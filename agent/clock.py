@@ -358,11 +358,7 @@ class ClockKeeper:
         return "api" if anchor is not None and anchor.source == "api" else "none"
 
     def hold_new_items(self) -> bool:
-        """`should_hold` now. Asked for every command: a synchronized kernel clock, the common
-        case, answers without the rest."""
-        if self.kernel_synchronized:
-            return False
-        return should_hold(False, self.boot_id in self.anchors, self.settings)
+        return should_hold(self.kernel_synchronized, self.truth_known, self.settings)
 
     def observe_kernel(self, kernel: KernelClock | None, wall_now: float, mono_now: float) -> bool:
         """A kernel reading. True when it settled the true time for this boot just now."""

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -109,9 +109,8 @@ class Reply:
 
     def line(self) -> bytes:
         """The reply as a line of the socket protocol (`encode()` and a newline)."""
-        if self.error is None and not self.result and self.request_id is None:
-            return _OK_WITHOUT_REQUEST_ID_LINE
-        return self.encode() + b"\n"
+        data = self.encode()
+        return _OK_WITHOUT_REQUEST_ID_LINE if data is _OK_WITHOUT_REQUEST_ID else data + b"\n"
 
 
 class Accepted:
@@ -256,17 +255,8 @@ class Dispatcher:
 
         def committed(results: list[Result]) -> None:
             self.in_flight -= len(commands)
-            replies: list[Reply] = []
-            ok = 0
-            for command, result in zip(commands, results, strict=True):
-                if result is None:  # most tracking commands: `_finish`'s reply, counted below
-                    ok += 1
-                    replies.append(Reply(command.request_id, command.app, command.command_name))
-                else:
-                    replies.append(self._finish(command, result))
-            if ok:
-                counts = self._counts[commands[0].origin.transport]
-                counts["ok"] = counts.get("ok", 0) + ok
+            replies = [self._reply(c, r) for c, r in zip(commands, results, strict=True)]
+            self._count_all(commands[0].origin.transport, replies)
             done(replies)
 
         try:
@@ -283,10 +273,12 @@ class Dispatcher:
             result = exc
         finally:
             self.in_flight -= 1
-        return self._finish(command, result)
+        reply = self._reply(command, result)
+        self._count(command.origin, reply)
+        return reply
 
     # -- the parts -----------------------------------------------------------------------------
-    def _finish(self, accepted: Accepted, result: Result) -> Reply:
+    def _reply(self, accepted: Accepted, result: Result) -> Reply:
         """The reply for an accepted command given its result, or the exception that refused
         it (an `AgentError` is the client's answer; anything else is logged as internal)."""
         if not isinstance(result, BaseException):
@@ -304,13 +296,23 @@ class Dispatcher:
                 )
                 error = InternalError("internal error; see the log")
             reply = Reply(accepted.request_id, accepted.app, accepted.command_name, error=error)
-        self._count(accepted.origin, reply)
         return reply
 
     def _count(self, origin: Origin, reply: Reply) -> None:
-        key = "ok" if reply.error is None else reply.error.code.value
-        counts = self._counts[origin.transport]
-        counts[key] = counts.get(key, 0) + 1
+        self._count_all(origin.transport, (reply,))
+
+    def _count_all(self, transport: Transport, replies: Iterable[Reply]) -> None:
+        """Count replies by result for status; a group's many oks with one update."""
+        counts = self._counts[transport]
+        ok = 0
+        for reply in replies:
+            if reply.error is None:
+                ok += 1
+            else:
+                key = reply.error.code.value
+                counts[key] = counts.get(key, 0) + 1
+        if ok:
+            counts["ok"] = counts.get("ok", 0) + ok
 
     def _app_for(self, command: Any, origin: Origin) -> str:
         if origin.transport == "mqtt":

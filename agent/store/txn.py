@@ -132,12 +132,9 @@ class Txn:
         encoded = []
         total = 0
         encode = state.encode
-        known = state.projects
         for item in items:
             payload = bytearray(encode(item.payload))  # see `Row`
-            # A committed project's row never changes: most items need no more than this.
-            row = known.get(item.project.key) or self.project_for(item.project)
-            encoded.append((row.id, _kind(item.payload), payload))
+            encoded.append((self.project_for(item.project).id, _kind(item.payload), payload))
             total += len(payload)
         counters = state.counters
         cap = state.config.max_bytes
@@ -416,12 +413,12 @@ class Txn:
         self._check()
         key = project.key
         state = self._state
+        # Committed projects first: most items need no more, and a project's row never
+        # changes once it exists.
         new_projects = self.new_projects
-        row = (
-            (new_projects is not None and new_projects.get(key))
-            or state.staged_projects.get(key)
-            or state.projects.get(key)
-        )
+        row = state.projects.get(key) or state.staged_projects.get(key)
+        if row is None and new_projects is not None:
+            row = new_projects.get(key)
         if row is None:
             found = (
                 self._sql()
