@@ -144,7 +144,10 @@ def _is_disk_full(exc: sqlite3.Error) -> bool:
     return code == _SQLITE_FULL if code is not None else "full" in str(exc).lower()
 
 
-def _run_hooks(hooks: list[Callable[[], object]], what: str) -> None:
+def _run_hooks(hooks: list[Callable[[], object]] | None, what: str) -> None:
+    """Run an op's hooks (None: it registered none, as most ops)."""
+    if not hooks:
+        return
     for hook in hooks:
         try:
             hook()
@@ -524,12 +527,10 @@ class Store(StoreReads):
         enqueued: set[int] = set()
         finished: list[_Group] = []
         for op, txn, error in failed:
-            if txn.rollback_hooks:
-                _run_hooks(txn.rollback_hooks, "after_rollback")
+            _run_hooks(txn.rollback_hooks, "after_rollback")
             op.settle(error, finished, failed=True)
         for _, txn, _ in done:
-            if txn.commit_hooks:
-                _run_hooks(txn.commit_hooks, "after_commit")
+            _run_hooks(txn.commit_hooks, "after_commit")
             if txn.enqueued_projects:
                 enqueued |= txn.enqueued_projects
         callback = self.on_enqueued
@@ -653,8 +654,7 @@ class Store(StoreReads):
         error = Unavailable(message)
         for txn in started:
             txn.closed = True
-            if txn.rollback_hooks:
-                _run_hooks(txn.rollback_hooks, "after_rollback")
+            _run_hooks(txn.rollback_hooks, "after_rollback")
         finished: list[_Group] = []
         for op in batch:
             # Ops after the failing one were never started; they fail the same way.
