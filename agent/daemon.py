@@ -52,7 +52,7 @@ SHUTDOWN_FLUSH_SECONDS = 3.0
 WRITER_STALL_SECONDS = 20.0
 DEVICE_UUID_META = "device_uuid"
 #: Allocations between two young-generation collections (CPython's default is 700).
-GC_GEN0_THRESHOLD = 20_000
+GC_GEN0_THRESHOLD = 100_000
 
 
 def tune_gc() -> None:
@@ -61,8 +61,12 @@ def tune_gc() -> None:
     Everything alive once the daemon is started (modules, pydantic schemas, config) is moved
     to the permanent generation, so full collections stop re-scanning it; and young
     collections run every GC_GEN0_THRESHOLD allocations instead of 700. Under pipelined
-    ingest this was a third of the writer thread's CPU. Commands create almost no reference
-    cycles, so garbage is still freed at once by reference counting. Public so that the
+    ingest this was a third of the writer thread's CPU (at 20,000 still ~1.5 % of a
+    command's instructions). The threshold may be this high because commands create no
+    reference cycles, accepted or refused, so garbage is freed at once by reference
+    counting: a refusal's reply keeps its error without the traceback
+    (`AgentError.as_answer`), whose frames would otherwise hold the reply, and the refused
+    bytes, in a cycle (tests/unit/test_dispatch.py checks both paths). Public so that the
     benchmarks that build the agent's parts in-process (bench/bench_mqtt.py) measure what
     the daemon runs.
     """

@@ -232,7 +232,7 @@ class Dispatcher:
             return Accepted(request_id, app, command_name, command, self._clock(), origin)
         except AgentError as exc:
             self._log_rejection(exc, app, command_name, origin)
-            reply = Reply(request_id, app, command_name, error=exc)
+            reply = Reply(request_id, app, command_name, error=exc.as_answer())
         except Exception:
             log.exception(
                 "internal error while handling %s for app %s", command_name, escape(app or "?")

@@ -78,6 +78,19 @@ class AgentError(Exception):
             ]
         return error
 
+    def as_answer(self) -> AgentError:
+        """This error without its traceback and chained exceptions, to be kept as a reply.
+
+        A caught error's traceback holds the frames it passed through, and those frames hold
+        whatever keeps the error (the reply, the list of refusals): a reference cycle that
+        reference counting never frees, only the cyclic GC, which the daemon runs rarely
+        (`agent.daemon.tune_gc`). An answer to a client needs only the message and details.
+        """
+        self.__traceback__ = None
+        self.__context__ = None
+        self.__cause__ = None
+        return self
+
 
 class InvalidJson(AgentError):
     code = ErrorCode.INVALID_JSON

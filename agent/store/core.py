@@ -557,7 +557,9 @@ class Store(StoreReads):
             txn.closed = True
             if isinstance(exc, sqlite3.Error) and (_is_fatal(exc) or not conn.in_transaction):
                 raise _BatchFailed(exc) from exc
-            if not isinstance(exc, AgentError):
+            if isinstance(exc, AgentError):
+                exc = exc.as_answer()  # kept in the batch's lists: no frames with it
+            else:
                 log.error("a queue operation failed: %s: %s", type(exc).__name__, exc)
             if txn.savepoint:
                 try:

@@ -8,6 +8,7 @@ what the dispatcher decides and how it reports it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -99,6 +100,33 @@ def test_refusals_echo_the_request_id_when_readable(data: bytes, expected: str) 
     dispatcher, writer = make()
     assert code(dispatcher.prepare(data, SOCKET)) == expected
     assert writer.groups == []
+
+
+def test_refusals_leave_no_garbage_for_the_cyclic_gc() -> None:
+    """A refusal's reply keeps its error without the traceback: its frames would hold the
+    reply, and the refused bytes, in a cycle that only the cyclic GC frees, and the daemon
+    runs it rarely (`agent.daemon.tune_gc`)."""
+    dispatcher, _ = make(config(allow_unknown=False, kiosk={"allowed_uids": [7]}))
+    refused = [
+        b"x" * 70_000,
+        b'{"command": "track_event", "name": ',
+        b'{"command": "track_event", "name": "e", "properties": {"a": 1e999}}',
+        b'{"command": "nope"}',
+        line(app="other"),
+        line(app="kiosk"),
+        line("queue_purge"),
+    ]
+    for data in refused:  # first use: whatever is built once (log records, caches)
+        dispatcher.prepare(data, SOCKET)
+    gc.collect()
+    gc.disable()
+    try:
+        replies = [dispatcher.prepare(data, SOCKET) for data in refused * 10]
+        assert all(isinstance(r, Reply) and r.error is not None for r in replies)
+        del replies
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_unknown_apps_are_refused_when_not_allowed() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sqlite3
 import threading
@@ -220,6 +221,33 @@ def test_a_group_runs_each_call_as_its_own_op(store: Store) -> None:
     assert set(store.load_app_states()) == {"a", "c"}
     assert store.stats().items == 2
     assert_counters_match_file(store)
+
+
+def test_refused_ops_leave_no_garbage_for_the_cyclic_gc(store: Store) -> None:
+    """A refused op's error is kept (the batch's lists, the group's results) without the
+    frames it was raised through: they would hold it in a cycle that only the cyclic GC,
+    which the daemon runs rarely (`agent.daemon.tune_gc`), frees."""
+
+    def refuse(name: str, txn: Txn) -> None:
+        txn.enqueue([item(1)], 1.0)
+        raise InvalidState(f"{name} refused")
+
+    def refused_group() -> list[object]:
+        results: Future[list[object]] = Future()
+        store.submit_group(refuse, [(str(n),) for n in range(20)], results.set_result)
+        return results.result(timeout=10)
+
+    refused_group()  # first use: whatever is built once (log records, caches)
+    gc.collect()
+    gc.disable()
+    try:
+        results = refused_group()
+        assert all(isinstance(r, InvalidState) for r in results)
+        del results
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert store.stats().items == 0
 
 
 def test_after_commit_runs_on_writer_before_the_future_resolves(store: Store) -> None:
