@@ -7,9 +7,10 @@
 #
 #   deploy/build-deb.sh [--arch amd64|arm64|armhf] [OUTDIR]     default: this machine, dist/
 #
-# No compiler for the target is needed: compiled dependencies (pydantic-core) come as the
-# target's wheels from the package index (pip download --platform ...). Dependencies published
-# only as source (sdnotify) are built into wheels here and used only if they are pure Python.
+# No compiler for the target is needed: compiled dependencies (pydantic-core, orjson) come as
+# the target's wheels from the package index (pip download --platform ...). Dependencies
+# published only as source (sdnotify) are built into wheels here and used only if they are
+# pure Python.
 # If a dependency has no wheel for the target, the build stops and names it (docs/deploy.md,
 # "Building", says what to do). The host needs python3.11 (Debian 12's: the bytecode and the
 # wheels are for it), python3-venv, dpkg-dev, and the network or PIP_ARGS for the index.
@@ -206,7 +207,8 @@ Files: opt/engagement-agent/lib/*
 Copyright: the authors of each bundled Python package
 License: various
  The bundled virtualenv holds paho-mqtt (EPL-2.0 or EDL-1.0), pydantic and pydantic-core
- (MIT), urllib3 (MIT), prometheus_client (Apache-2.0), sdnotify (MIT) and their dependencies; each
+ (MIT), orjson (Apache-2.0 or MIT), urllib3 (MIT), prometheus_client (Apache-2.0), sdnotify (MIT)
+ and their dependencies; each
  package's licence is in its *.dist-info directory under
  /opt/engagement-agent/lib/python3.11/site-packages/.
 

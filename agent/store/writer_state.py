@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import pydantic_core
+import orjson
 
 from agent.store.model import ProjectRow
 from agent.store.schema import ID_RESERVED_KEYS
@@ -43,28 +43,22 @@ _json_encode = json.JSONEncoder(
 def _encode_payload(payload: Any) -> bytes:
     """Compact UTF-8 JSON of an item's payload.
 
-    pydantic-core's encoder is ~4x faster than `json` and writes the same bytes for the
-    JSON-native values a payload holds (floats may differ only in exponent spelling, e.g.
-    `1e-7` for `1e-07`). It writes non-finite floats as bare `Infinity`/`NaN`, which is not
-    JSON: then, or for anything it cannot encode, `json` decides (and refuses such values).
+    orjson writes the JSON-native values a payload holds in a third of pydantic-core's
+    instructions and a sixth of `json`'s (docs/benchmarks.md, "Instructions per command"),
+    with the same bytes: no spaces, UTF-8 unescaped, shortest float spelling (`1e-7`).
+    Payloads hold no non-finite floats: commands with one are refused (docs/protocol.md) and
+    the tracker computes only finite times, so orjson's spelling of them (`null`) never
+    applies. What orjson cannot encode (an integer beyond 64 bits, a key that is not a
+    string) goes to `json`, which writes what is JSON and refuses the rest.
     """
     try:
-        data = pydantic_core.to_json(payload)
-    except Exception:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
         return _json_encode(payload).encode()
-    # A bare `Infinity` has an "I", a bare `NaN` an "N": most payloads have neither, and a
-    # one-byte find (memchr) costs a third of a pattern's. find(), not `in`:
-    # bytes.__contains__ first tries the argument as an int, and the TypeError it builds and
-    # drops costs more than the scan.
-    if (data.find(b"I") >= 0 and data.find(b"Infinity") >= 0) or (
-        data.find(b"N") >= 0 and data.find(b"NaN") >= 0
-    ):
-        return _json_encode(payload).encode()
-    return data
 
 
 class Counters:
-    """Exact totals; copied before every op so a rolled-back op can restore them cheaply.
+    """Exact totals; a snapshot is taken before every op so a refused op can restore them.
 
     `sendable` maps a project id to (its queued items that are not held, a lower bound of
     their ids): readers skip projects with nothing to send without touching the file, and

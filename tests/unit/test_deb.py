@@ -240,7 +240,7 @@ def test_installed_venv_works(installed: Path) -> None:
     """The bundled interpreter finds its own packages and reads the packaged config."""
     python = installed / PREFIX / "bin/python"
     code = (
-        "import sys, paho.mqtt, pydantic, urllib3, sdnotify\n"
+        "import sys, paho.mqtt, pydantic, urllib3, sdnotify, orjson\n"
         "from pathlib import Path\n"
         "from agent.config import load_config\n"
         "import agent.logs, agent.notify, agent.daemon\n"
