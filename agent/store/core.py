@@ -549,7 +549,7 @@ class Store(StoreReads):
         """Run one op: a tuple with its result, or the exception it raised once its writes
         (buffered or behind its savepoint) and counter changes are undone. Raises
         _BatchFailed when the transaction itself is lost."""
-        before = state.counters.copy()
+        before = state.counters.snapshot()
         self._current_txn = txn
         try:
             value = op.fn(*op.args, txn)
@@ -567,8 +567,10 @@ class Store(StoreReads):
                     conn.execute("RELEASE op")
                 except sqlite3.Error as rollback_error:
                     raise _BatchFailed(rollback_error) from exc
-            before.rejected = state.counters.rejected  # a refusal is counted even when undone
-            state.counters = before
+            counters = state.counters
+            rejected = counters.rejected  # a refusal is counted even when undone
+            counters.restore(before)
+            counters.rejected = rejected
             return exc
         finally:
             self._current_txn = None

@@ -112,8 +112,11 @@ class Counters:
         self.outbox_reserved = outbox_reserved
         self.dead_reserved = dead_reserved
 
-    def copy(self) -> Counters:
-        return Counters(
+    def snapshot(self) -> tuple[Any, ...]:
+        """The values in the constructor's order, for `restore`. Taken before every op (a
+        refused op puts them back), so a tuple rather than a new `Counters`: a fifth of the
+        cost."""
+        return (
             self.items,
             self.bytes,
             self.dead_items,
@@ -127,6 +130,25 @@ class Counters:
             self.outbox_reserved,
             self.dead_reserved,
         )
+
+    def restore(self, values: tuple[Any, ...]) -> None:
+        (
+            self.items,
+            self.bytes,
+            self.dead_items,
+            self.dead_bytes,
+            self.dropped,
+            self.rejected,
+            self.dead_dropped,
+            self.head_created_at,
+            self.held,
+            self.sendable,
+            self.outbox_reserved,
+            self.dead_reserved,
+        ) = values
+
+    def copy(self) -> Counters:
+        return Counters(*self.snapshot())
 
     def history(self) -> tuple[int, int, int]:
         return (self.dropped, self.rejected, self.dead_dropped)
