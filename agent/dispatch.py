@@ -60,6 +60,10 @@ TRANSPORTS: tuple[Transport, ...] = ("socket", "mqtt")
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+#: Origins remembered as allowed to command an app (`Dispatcher._authorize`): far more than a
+#: device has apps and local users, few enough that unknown app names cannot grow it.
+MAX_AUTHORIZED = 1024
+
 #: The reply to most tracking commands sent without a request id.
 _OK_WITHOUT_REQUEST_ID = b'{"ok":true,"request_id":null,"result":{}}'
 _OK_WITHOUT_REQUEST_ID_LINE = _OK_WITHOUT_REQUEST_ID + b"\n"
@@ -173,6 +177,12 @@ class Dispatcher:
         own_uid: int | None = None,
     ) -> None:
         self._config = config
+        self._max_command_bytes = config.limits.max_command_bytes
+        # (app, transport, uid) allowed to command the app under this config: the checks
+        # read pydantic models, whose every attribute read costs ~10 times a plain object's
+        # (their `__getattr__` keeps CPython from specialising it), and they are the same for
+        # every command of an app from one peer. Emptied with each reload.
+        self._authorized: set[tuple[str, Transport, int | None]] = set()
         self._writer = writer
         self._queries = queries
         self._clock = clock
@@ -186,6 +196,8 @@ class Dispatcher:
 
     def reload(self, config: AgentConfig) -> None:
         self._config = config
+        self._max_command_bytes = config.limits.max_command_bytes
+        self._authorized = set()
 
     def stop_accepting(self) -> None:
         """From now on every command is refused with `unavailable` (SIGTERM): commands already
@@ -213,10 +225,10 @@ class Dispatcher:
         try:
             if not self._accepting:
                 raise Unavailable("the agent is shutting down")
-            if len(data) > self._config.limits.max_command_bytes:
+            if len(data) > self._max_command_bytes:
                 raise TooLarge(
                     f"command is {len(data)} bytes; the limit is "
-                    f"{self._config.limits.max_command_bytes} (limits.max_command_bytes)"
+                    f"{self._max_command_bytes} (limits.max_command_bytes)"
                 )
             command = parse_valid_command(data)
             if command is None:  # refused: read it again step by step for the exact error
@@ -337,6 +349,16 @@ class Dispatcher:
             return
         if not is_app_scoped(command):
             return  # status and flush concern the whole agent, not one app
+        key = (app, origin.transport, origin.uid)
+        if key in self._authorized:
+            return
+        self._check_app_access(app, origin)
+        if len(self._authorized) < MAX_AUTHORIZED:
+            self._authorized.add(key)
+
+    def _check_app_access(self, app: str, origin: Origin) -> None:
+        """Whether `origin` may command `app` under the current config (an app-scoped
+        command: tracking or `get_customer`); raises the refusal."""
         app_config = self._config.app_config(app)
         if app_config is None:
             raise UnknownApp(
@@ -372,6 +394,7 @@ class Dispatcher:
 
 __all__ = [
     "DEFAULT_APP",
+    "MAX_AUTHORIZED",
     "Accepted",
     "Dispatcher",
     "Origin",

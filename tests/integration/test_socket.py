@@ -222,6 +222,11 @@ def test_allowed_uids_restrict_who_speaks_for_an_app(make_agent: Any) -> None:
     assert admin["error"]["code"] == "forbidden"
     # root (the agent's own uid here) is always allowed.
     assert agent.request(command)["ok"]
+    # A reload decides again for uids it allowed before (the agent remembers who was allowed
+    # only until then).
+    agent.reload({"apps": {"kiosk-ui": {"allowed_uids": [4343]}}})
+    assert _request_as(4242, agent.socket_path, command)["error"]["code"] == "forbidden"
+    assert _request_as(4343, agent.socket_path, command)["ok"]
 
 
 def test_unknown_apps_are_refused_when_not_allowed(make_agent: Any) -> None:

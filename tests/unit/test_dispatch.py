@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig
-from agent.dispatch import Accepted, Dispatcher, Origin, Reply, Result
+from agent.dispatch import MAX_AUTHORIZED, Accepted, Dispatcher, Origin, Reply, Result
 from agent.errors import MAX_DETAIL_CHARS, MAX_DETAILS, MAX_MESSAGE_CHARS, QueueFull, TooLarge
 
 OWN_UID = 4242
@@ -146,6 +146,29 @@ def test_socket_uids_are_checked_for_apps_with_allowed_uids() -> None:
     assert isinstance(dispatcher.prepare(line(app="locked"), own), Accepted)
     # status and flush are not an app's: no uid check.
     assert isinstance(dispatcher.prepare(line("status", app="locked"), SOCKET), Accepted)
+
+
+def test_a_reload_decides_again_for_peers_already_allowed() -> None:
+    """Allowed (app, transport, uid) are remembered per config: a reload that locks an app,
+    or removes it, refuses the next command of a peer it allowed before."""
+    dispatcher, _ = make(config(allow_unknown=False, kiosk={}, shop={}))
+    for _ in range(2):
+        assert isinstance(dispatcher.prepare(line(app="kiosk"), SOCKET), Accepted)
+        assert isinstance(dispatcher.prepare(line(app="shop"), SOCKET), Accepted)
+        assert isinstance(dispatcher.prepare(line(), mqtt("kiosk")), Accepted)
+    dispatcher.reload(config(allow_unknown=False, kiosk={"allowed_uids": [7]}))
+    assert code(dispatcher.prepare(line(app="kiosk"), SOCKET)) == "forbidden"
+    assert code(dispatcher.prepare(line(), mqtt("kiosk"))) == "forbidden"
+    assert code(dispatcher.prepare(line(app="shop"), SOCKET)) == "unknown_app"
+    assert isinstance(dispatcher.prepare(line(app="kiosk"), Origin("socket", uid=7)), Accepted)
+
+
+def test_many_unknown_app_names_do_not_grow_what_the_dispatcher_remembers() -> None:
+    dispatcher, _ = make()
+    for n in range(3 * MAX_AUTHORIZED):
+        assert isinstance(dispatcher.prepare(line(app=f"app{n}"), SOCKET), Accepted)
+    assert len(dispatcher._authorized) == MAX_AUTHORIZED
+    assert isinstance(dispatcher.prepare(line(app="app9999"), SOCKET), Accepted)
 
 
 def test_mqtt_is_off_for_apps_with_allowed_uids_unless_turned_on() -> None:
