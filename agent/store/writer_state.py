@@ -9,6 +9,7 @@ counter page (docs/architecture.md, "Storage writes").
 
 from __future__ import annotations
 
+import inspect
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -132,20 +133,9 @@ class Counters:
         )
 
     def restore(self, values: tuple[Any, ...]) -> None:
-        (
-            self.items,
-            self.bytes,
-            self.dead_items,
-            self.dead_bytes,
-            self.dropped,
-            self.rejected,
-            self.dead_dropped,
-            self.head_created_at,
-            self.held,
-            self.sendable,
-            self.outbox_reserved,
-            self.dead_reserved,
-        ) = values
+        """Put back a `snapshot` (only a refused op does: no need to be fast)."""
+        for name, value in zip(_COUNTER_FIELDS, values, strict=True):
+            setattr(self, name, value)
 
     def copy(self) -> Counters:
         return Counters(*self.snapshot())
@@ -179,6 +169,10 @@ class Counters:
         self.items -= count
         self.bytes -= size_sum
         return count, size_sum
+
+
+#: The counters in the constructor's order, which `Counters.snapshot` follows.
+_COUNTER_FIELDS = tuple(inspect.signature(Counters.__init__).parameters)[1:]
 
 
 class WriterState:

@@ -14,6 +14,7 @@ import pytest
 
 from agent.errors import InvalidState, QueueFull, Unavailable
 from agent.store import Store, Txn
+from agent.store.writer_state import Counters
 from agent.tracker.model import AppState, OutboundItem, Project
 from tests.fixtures.daemon import wait_for
 from tests.unit.test_store_helpers import (
@@ -221,6 +222,20 @@ def test_a_group_runs_each_call_as_its_own_op(store: Store) -> None:
     assert set(store.load_app_states()) == {"a", "c"}
     assert store.stats().items == 2
     assert_counters_match_file(store)
+
+
+def test_a_counters_snapshot_puts_every_counter_back() -> None:
+    """What a refused op relies on: `restore(snapshot())` brings back every counter, and the
+    snapshot does not change with the counters it was taken from."""
+    counters = Counters(1, 2, 3, 4, 5, 6, 7, 8.5, 9, {1: (10, 11)}, 12, 13)
+    snapshot = counters.snapshot()
+    counters.add_sendable(1, 1, 5)
+    counters.items = counters.rejected = 0
+    restored = Counters()
+    restored.restore(snapshot)
+    expected = Counters(1, 2, 3, 4, 5, 6, 7, 8.5, 9, {1: (10, 11)}, 12, 13)
+    for name in Counters.__slots__:
+        assert getattr(restored, name) == getattr(expected, name), name
 
 
 def test_refused_ops_leave_no_garbage_for_the_cyclic_gc(store: Store) -> None:
