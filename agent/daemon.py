@@ -66,7 +66,8 @@ def tune_gc() -> None:
     reference cycles, accepted or refused, so garbage is freed at once by reference
     counting: a refusal's reply keeps its error without the traceback
     (`AgentError.as_answer`), whose frames would otherwise hold the reply, and the refused
-    bytes, in a cycle (tests/unit/test_dispatch.py checks both paths). Public so that the
+    bytes, in a cycle (tests/unit/test_dispatch.py and test_store.py count what refusals leave
+    to the cyclic GC: nothing). Public so that the
     benchmarks that build the agent's parts in-process (bench/bench_mqtt.py) measure what
     the daemon runs.
     """

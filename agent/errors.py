@@ -79,7 +79,8 @@ class AgentError(Exception):
         return error
 
     def as_answer(self) -> AgentError:
-        """This error without its traceback and chained exceptions, to be kept as a reply.
+        """This error, its traceback and chained exceptions dropped (in place), to be kept
+        as a reply.
 
         A caught error's traceback holds the frames it passed through, and those frames hold
         whatever keeps the error (the reply, the list of refusals): a reference cycle that
