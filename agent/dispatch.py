@@ -176,14 +176,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         own_uid: int | None = None,
     ) -> None:
-        self._config = config
-        self._max_command_bytes = config.limits.max_command_bytes
-        # (app, transport, uid) allowed to command the app under this config: the checks
-        # read pydantic models, whose every attribute read costs ~4 times a plain object's
-        # instructions (their `__getattr__` keeps CPython from specialising it), with two
-        # calls (~5k instructions in all), and they are the same for every command of an app
-        # from one peer. Emptied with each reload.
-        self._authorized: set[tuple[str, Transport, int | None]] = set()
+        self.reload(config)
         self._writer = writer
         self._queries = queries
         self._clock = clock
@@ -196,9 +189,16 @@ class Dispatcher:
         self._rejections = RateLimitedLog(log)
 
     def reload(self, config: AgentConfig) -> None:
+        """Use `config` from the next command on (also what the constructor does with its
+        own)."""
         self._config = config
-        self._max_command_bytes = config.limits.max_command_bytes
-        self._authorized = set()
+        self._max_command_bytes: int = config.limits.max_command_bytes
+        # (app, transport, uid) allowed to command the app under this config: the checks
+        # read pydantic models, whose every attribute read costs ~4 times a plain object's
+        # instructions (their `__getattr__` keeps CPython from specialising it), with two
+        # calls (~5k instructions in all), and they are the same for every command of an app
+        # from one peer. Emptied with each reload.
+        self._authorized: set[tuple[str, Transport, int | None]] = set()
 
     def stop_accepting(self) -> None:
         """From now on every command is refused with `unavailable` (SIGTERM): commands already

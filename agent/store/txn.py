@@ -124,7 +124,7 @@ class Txn:
         Raises `QueueFull` when the items alone exceed `max_bytes`, or when the cap is reached
         under the `reject` policy; under `drop_oldest` the oldest rows (of any project) go.
         """
-        if self.closed:
+        if self.closed:  # `_check()`'s own condition, tested first: enqueue runs per command
             self._check()
         if not items:
             return
