@@ -314,6 +314,7 @@ class Daemon:
             version=__version__,
             device_id=self.config.device_id,
             uptime=time.monotonic() - self.started_monotonic,
+            as_of=time.time(),
             queue=self.store.stats(),
             recovered=self.store.recovered,
             sync=self.syncer.status(),

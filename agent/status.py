@@ -30,6 +30,7 @@ def build_status(
     version: str,
     device_id: str,
     uptime: float,
+    as_of: float,
     queue: QueueStats,
     recovered: Sequence[Mapping[str, Any]],
     sync: Mapping[str, Any],
@@ -44,6 +45,9 @@ def build_status(
         "version": version,
         "device_id": device_id,
         "uptime": round(uptime, 3),
+        # The device's wall-clock time when this document was made: `queue.oldest_age` and
+        # `uptime` are as of then, which tells a reader of the retained copy how old they are.
+        "as_of": round(as_of, 3),
         "queue": {
             "items": queue.items,
             "bytes": queue.bytes,

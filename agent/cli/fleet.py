@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from agent.cli.context import (
 )
 from agent.cli.render import ago, duration, table
 from agent.metrics import sync_rank
+from agent.mqtt.status import STATUS_MAX_INTERVAL
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -46,6 +48,8 @@ DEFAULT_INTERVAL = 2.0
 #: A status document is a few KiB; anything far larger on a status topic is not ours.
 MAX_STATUS_BYTES = 1024 * 1024
 
+#: The largest integer a float holds exactly; larger "numbers" in a status are not ours.
+MAX_EXACT_INT = 2**53
 Row = dict[str, Any]
 
 
@@ -53,9 +57,16 @@ Row = dict[str, Any]
 
 
 def _number(value: Any) -> float | int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A JSON number that arithmetic and the table can use, else None: whatever is retained on
+    a status topic may come from anyone with access to the broker (Python's JSON reads
+    `Infinity` and integers of any length)."""
+    if isinstance(value, bool):
         return None
-    return value
+    if isinstance(value, int):
+        return value if abs(value) <= MAX_EXACT_INT else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return None
 
 
 def _worst_sync(projects: Any) -> tuple[str | None, float | None]:
@@ -77,11 +88,12 @@ def _worst_sync(projects: Any) -> tuple[str | None, float | None]:
     return state, last
 
 
-def device_row(device_id: str, payload: bytes) -> Row:
+def device_row(device_id: str, payload: bytes, now: float) -> Row:
     """One device's line from its retained status; fields the document lacks are None.
 
     A device known only by its last will (`{"online": false}`) has nulls everywhere else; a
     payload that is not a status document says so in `error` instead of stopping the listing.
+    `now` is this machine's wall-clock time: see `_age_now` for what it is used for.
     """
     row: Row = {
         "device_id": device_id,
@@ -92,6 +104,7 @@ def device_row(device_id: str, payload: bytes) -> Row:
         "sync_state": None,
         "last_success": None,
         "clock_synchronized": None,
+        "status_age": None,
     }
     try:
         status = json.loads(payload) if len(payload) <= MAX_STATUS_BYTES else None
@@ -104,18 +117,35 @@ def device_row(device_id: str, payload: bytes) -> Row:
         row["online"] = status["online"]
     if isinstance(status.get("version"), str):
         row["version"] = status["version"]
+    clock = status.get("clock")
+    if isinstance(clock, Mapping) and isinstance(clock.get("synchronized"), bool):
+        row["clock_synchronized"] = clock["synchronized"]
+    as_of = _number(status.get("as_of"))
+    if as_of is not None and row["clock_synchronized"]:
+        row["status_age"] = round(max(0.0, now - as_of), 3)
     queue = status.get("queue")
     if isinstance(queue, Mapping):
         items = _number(queue.get("items"))
         row["queue_items"] = int(items) if items is not None else None
-        row["oldest_age"] = _number(queue.get("oldest_age"))
+        row["oldest_age"] = _age_now(_number(queue.get("oldest_age")), row["status_age"])
     sync = status.get("sync")
     if isinstance(sync, Mapping):
         row["sync_state"], row["last_success"] = _worst_sync(sync.get("projects"))
-    clock = status.get("clock")
-    if isinstance(clock, Mapping) and isinstance(clock.get("synchronized"), bool):
-        row["clock_synchronized"] = clock["synchronized"]
     return row
+
+
+def _age_now(age: float | None, status_age: float | None) -> float | None:
+    """`queue.oldest_age` brought forward from when the device made its status to now.
+
+    The retained status is republished on every change (a new item, a drained one) but only
+    every `STATUS_MAX_INTERVAL` otherwise, so without this the oldest item's age would be up to
+    5 minutes behind. Nothing but time changes it between two publications, so adding the
+    status's age is exact when both clocks are right; it is done only when the device said its
+    clock is synchronized (`status_age` is None otherwise), and by at most one heartbeat
+    interval, so a wrong clock on this machine cannot make a queue look hours older."""
+    if age is None or status_age is None:
+        return age
+    return round(age + min(status_age, STATUS_MAX_INTERVAL), 3)
 
 
 def sort_rows(rows: Iterable[Row]) -> list[Row]:
@@ -317,7 +347,8 @@ class Listener:
             self._check(self.client.loop(timeout=min(0.1, deadline - now)))
 
     def rows(self) -> list[Row]:
-        return sort_rows(device_row(d, p) for d, p in self.payloads.items())
+        now = time.time()
+        return sort_rows(device_row(d, p, now) for d, p in self.payloads.items())
 
     def close(self) -> None:
         self.client.disconnect()

@@ -2,7 +2,7 @@
 
 On connect it is always published; after that when it changed, at most every
 `min_interval` seconds (10 s), and at least every `max_interval` seconds (5 minutes) as a
-heartbeat. "Changed" ignores what moves with the clock alone — `uptime` and
+heartbeat. "Changed" ignores what moves with the clock alone — `uptime`, `as_of` and
 `queue.oldest_age` — or an agent with a backlog would republish every 10 s forever; other
 floats (times such as `next_attempt`) are compared to the second.
 """
@@ -16,11 +16,13 @@ from typing import Any
 STATUS_MIN_INTERVAL = 10.0
 STATUS_MAX_INTERVAL = 300.0
 OFFLINE_PAYLOAD = b'{"online":false}'
+#: Top-level status fields that move with the clock alone.
+_CLOCK_FIELDS = frozenset(("uptime", "as_of"))
 
 
 def change_key(status: Mapping[str, Any]) -> str:
     """What must differ for the status to count as changed."""
-    relevant = {k: v for k, v in status.items() if k != "uptime"}
+    relevant = {k: v for k, v in status.items() if k not in _CLOCK_FIELDS}
     queue = relevant.get("queue")
     if isinstance(queue, Mapping):
         relevant["queue"] = {k: v for k, v in queue.items() if k != "oldest_age"}

@@ -35,6 +35,7 @@ def status(**overrides: Any) -> dict[str, Any]:
         "online": True,
         "version": "0.2.0",
         "uptime": 100.0,
+        "as_of": NOW,
         "queue": {"items": 0, "bytes": 0, "max_bytes": 100, "dropped": 0, "dead_letters": 0,
                   "oldest_age": None},
         "sync": {"projects": [{"project_token": "t1", "state": "ok",
@@ -116,12 +117,31 @@ def test_json_is_a_list_of_objects_with_nulls_where_a_device_said_nothing(
         "kiosk-003", "kiosk-004", "kiosk-001", "kiosk-002"]
     assert rows[0] == {"device_id": "kiosk-003", "online": False, "version": None,
                        "queue_items": None, "oldest_age": None, "sync_state": None,
-                       "last_success": None, "clock_synchronized": None}
+                       "last_success": None, "clock_synchronized": None, "status_age": None}
     assert rows[1]["error"] == "unreadable status message" and rows[1]["online"] is None
     assert rows[3] == {"device_id": "kiosk-002", "online": True, "version": "0.1.0",
                        "queue_items": 1200, "oldest_age": 3725.0, "sync_state": "paused",
                        "last_success": pytest.approx(NOW - 7200),
-                       "clock_synchronized": False}
+                       "clock_synchronized": False, "status_age": None}
+    # kiosk-002's clock is not synchronized: its status is shown as it was made, not aged.
+
+
+def test_the_oldest_age_is_brought_forward_from_when_the_status_was_made(
+    mosquitto: MosquittoBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A backlog that stopped changing is republished only every 5 minutes; the age an
+    operator reads must be the age now, not the one from the last publication."""
+    made = time.time() - 240
+    publish_retained(mosquitto, "engagement/kiosk-005/status", json.dumps(status(
+        as_of=made, queue={"items": 5, "oldest_age": 3540.0})))
+    args = ("fleet", "kiosk-005", "--host", "127.0.0.1", "--port", str(mosquitto.port))
+    code, out, _ = run(capsys, *args, "--json")
+    [row] = json.loads(out)
+    elapsed = time.time() - made
+    assert code == 0 and 240 <= row["status_age"] <= elapsed
+    assert 3540 + 240 <= row["oldest_age"] <= 3540 + elapsed
+    code, out, _ = run(capsys, *args)
+    assert out.splitlines()[1].split()[3:6] == ["5", "1h", "3m"]  # 59 min when it was made
 
 
 def test_named_devices_use_exact_topics(
@@ -182,6 +202,9 @@ def test_a_real_agent_shows_online_then_offline_after_kill(
     assert online["version"] == agent.status()["version"]
     assert online["queue_items"] == 0 and online["sync_state"] == "idle"
     assert online["clock_synchronized"] is agent.status()["clock"]["synchronized"]
+    # Its status says when it was made, which fleet turns into an age on a synchronized clock.
+    assert abs(agent.status()["as_of"] - time.time()) < 30
+    assert (online["status_age"] is not None) is online["clock_synchronized"]
     agent.kill()
     wait_for(lambda: (r := row()) and r["online"] is False, 30, "the agent's last will")
 

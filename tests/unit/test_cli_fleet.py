@@ -7,9 +7,11 @@ from typing import Any
 
 from agent.cli.fleet import device_row, sort_rows
 
+NOW = 1_800_000_000.0
 
-def row(document: Any) -> dict[str, Any]:
-    return device_row("d", json.dumps(document).encode())
+
+def row(document: Any, now: float = NOW) -> dict[str, Any]:
+    return device_row("d", json.dumps(document).encode(), now)
 
 
 def projects(*states: tuple[str, float | None]) -> dict[str, Any]:
@@ -41,9 +43,34 @@ def test_wrong_types_from_a_hostile_broker_become_nulls() -> None:
                "sync": {"projects": ["x", {"state": 5}]}, "clock": {"synchronized": 1}})
     assert bad == {"device_id": "d", "online": None, "version": None, "queue_items": None,
                    "oldest_age": None, "sync_state": "idle", "last_success": None,
-                   "clock_synchronized": None}
-    assert device_row("d", b"[1]")["error"] == "unreadable status message"
-    assert device_row("d", b" " * (2 * 1024 * 1024))["error"] == "unreadable status message"
+                   "clock_synchronized": None, "status_age": None}
+    assert device_row("d", b"[1]", NOW)["error"] == "unreadable status message"
+    assert device_row("d", b" " * (2 * 1024 * 1024), NOW)["error"] == "unreadable status message"
+    overflowing = b'{"as_of": -Infinity, "clock": {"synchronized": true}, "queue": ' \
+        b'{"items": 1, "oldest_age": 1e999}, "version": "1", "online": true}'
+    assert device_row("d", overflowing, NOW)["oldest_age"] is None
+    huge = row({"as_of": 10**400, "clock": {"synchronized": True},
+                "queue": {"items": 10**30, "oldest_age": 5.0}})
+    assert (huge["status_age"], huge["queue_items"], huge["oldest_age"]) == (None, None, 5.0)
+
+
+def synced(as_of: float, oldest: float | None, synchronized: bool = True) -> dict[str, Any]:
+    return {"as_of": as_of, "clock": {"synchronized": synchronized},
+            "queue": {"items": 0 if oldest is None else 3, "oldest_age": oldest}}
+
+
+def test_the_oldest_age_is_brought_forward_to_now_on_a_synchronized_clock() -> None:
+    aged = row(synced(NOW - 120.0, 60.0))
+    assert (aged["status_age"], aged["oldest_age"]) == (120.0, 180.0)
+    assert row(synced(NOW - 120.0, None))["oldest_age"] is None  # an empty queue stays empty
+    # An unsynchronized device clock says nothing about when: shown as the device made it.
+    assert row(synced(NOW - 120.0, 60.0, synchronized=False))["oldest_age"] == 60.0
+    assert row(synced(NOW - 120.0, 60.0, synchronized=False))["status_age"] is None
+    # This machine's clock behind the device's: no negative age.
+    assert row(synced(NOW + 50.0, 60.0))["oldest_age"] == 60.0
+    # By at most one heartbeat interval: a wrong clock here cannot age a queue by hours.
+    stale = row(synced(NOW - 7200.0, 60.0))
+    assert (stale["status_age"], stale["oldest_age"]) == (7200.0, 360.0)
 
 
 def test_offline_first_then_unknown_then_online() -> None:

@@ -94,15 +94,19 @@ def test_client_id_is_fixed_per_device_unless_configured() -> None:
 # ---------------------------------------------------------------------------- status policy
 
 
-def status(items: int, uptime: float = 1.0, oldest: float | None = 5.0) -> dict[str, object]:
-    return {"uptime": uptime, "queue": {"items": items, "oldest_age": oldest}, "sync": {}}
+def status(
+    items: int, uptime: float = 1.0, oldest: float | None = 5.0, as_of: float = 1e9
+) -> dict[str, object]:
+    return {"uptime": uptime, "as_of": as_of, "queue": {"items": items, "oldest_age": oldest},
+            "sync": {}}
 
 
 def test_status_is_published_on_change_but_not_for_clock_values() -> None:
     policy = StatusPolicy(10.0, 300.0)
     first = policy.payload(status(1), 0.0, force=True)
     assert first is not None and json.loads(first)["online"] is True
-    assert policy.payload(status(1, uptime=99.0, oldest=80.0), 20.0, force=False) is None
+    assert policy.payload(
+        status(1, uptime=99.0, oldest=80.0, as_of=2e9), 20.0, force=False) is None
     assert policy.payload(status(2), 30.0, force=False) is not None
     assert policy.payload(status(2), 31.0, force=True) is not None  # connect, heartbeat
 
