@@ -9,9 +9,11 @@ order and delivery of replies; everything else happens here, once per command:
 2. `submit()` — the accepted commands that go through the store's writer (tracking commands and
    `get_customer`), a transport's whole hand-off at once: the socket hands over each chunk of
    pipelined lines, MQTT everything that arrived since its last pass. They run in order, each
-   all-or-nothing, in one writer transaction (group commit), and `done(replies)` runs once on
-   the event loop after the commit. A reply (and so a PUBACK) never precedes the commit.
-3. `query()` — `status`, `flush` and queue maintenance, which do not touch the writer.
+   all-or-nothing, in one writer transaction where they fit (group commit), and
+   `done(replies)` runs once on the event loop after the commit. A reply (and so a PUBACK)
+   never precedes the commit.
+3. `query()` — `status`, `flush` and queue maintenance: not part of a group (queue
+   maintenance goes to the writer as ops of its own).
 
 Every reply is counted by transport and result for status (`commands`) and the metric
 `engagement_agent_commands_total{transport,result}`; commands between acceptance and reply are

@@ -1,4 +1,4 @@
-"""The commands that do not go through the writer: `status`, `flush` and queue maintenance.
+"""The commands that are not part of a group: `status`, `flush` and queue maintenance.
 
 `flush --wait` may take minutes and queue maintenance reads the database, so both run in a
 small thread pool of their own; past a few waiting, callers are told to retry rather than pile

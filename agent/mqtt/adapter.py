@@ -8,9 +8,9 @@ then it will never become valid, so it is acked and reported on the error topic)
 
 Threads: paho's network thread only parses packets and puts messages into the `Inbox`; the
 event loop is woken once per burst and hands everything that arrived since its last pass to
-`agent.dispatch` as one group (one writer transaction, one hand-off back). It never blocks
-and never lets an exception escape (that would kill it). Everything stateful — replies,
-status, reconnects — runs on the loop. `ack()` and `publish()` are called from the loop
+`agent.dispatch` as one group (one writer transaction where it fits, one hand-off back). It
+never blocks and never lets an exception escape (that would kill it). Everything stateful —
+replies, status, reconnects — runs on the loop. `ack()` and `publish()` are called from the loop
 thread: in threaded mode both only append to paho's outgoing deque and wake the network
 thread through its socketpair, which is paho's supported way of publishing from another thread.
 

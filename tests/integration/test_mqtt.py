@@ -699,7 +699,7 @@ def test_broker_restart_mid_stream_loses_no_acknowledged_message(
 def test_on_connect_is_called_for_every_connection_however_short_the_outage(
     mosquitto: MosquittoBroker,
 ) -> None:
-    """The daemon's network hint for sync (docs/sync.md, "Network") hangs on this."""
+    """The daemon's network hint for sync (docs/sync.md, "When things go wrong") hangs on this."""
 
     async def scenario() -> None:
         connects: list[float] = []

@@ -1,4 +1,5 @@
-"""Sync over networks that fail in more ways than a closed port (docs/sync.md, "Network").
+"""Sync over networks that fail in more ways than a closed port (docs/sync.md, "When things go
+wrong").
 
 Real parts: the store on a temp SQLite file, urllib3, the API stand-in with its black-hole and
 trickle faults, a closed port for refused connections, and a real tinyproxy. Waits are on
