@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -48,8 +47,12 @@ DEFAULT_INTERVAL = 2.0
 #: A status document is a few KiB; anything far larger on a status topic is not ours.
 MAX_STATUS_BYTES = 1024 * 1024
 
-#: The largest integer a float holds exactly; larger "numbers" in a status are not ours.
-MAX_EXACT_INT = 2**53
+#: The largest integer a float holds exactly; larger numbers in a status are not ours.
+MAX_NUMBER = 2**53
+#: A status older than this should have been replaced by a heartbeat (every
+#: `STATUS_MAX_INTERVAL`, give or take the 10 s publishing rhythm): the device, or a bridge
+#: between it and this broker, stopped publishing, though no last will has come (yet).
+STALE_AFTER = STATUS_MAX_INTERVAL + 60.0
 Row = dict[str, Any]
 
 
@@ -59,14 +62,10 @@ Row = dict[str, Any]
 def _number(value: Any) -> float | int | None:
     """A JSON number that arithmetic and the table can use, else None: whatever is retained on
     a status topic may come from anyone with access to the broker (Python's JSON reads
-    `Infinity` and integers of any length)."""
-    if isinstance(value, bool):
+    `Infinity` and numbers of any length, and a 300-digit figure would make the table useless)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if isinstance(value, int):
-        return value if abs(value) <= MAX_EXACT_INT else None
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return None
+    return value if abs(value) <= MAX_NUMBER else None
 
 
 def _worst_sync(projects: Any) -> tuple[str | None, float | None]:
@@ -108,7 +107,7 @@ def device_row(device_id: str, payload: bytes, now: float) -> Row:
     }
     try:
         status = json.loads(payload) if len(payload) <= MAX_STATUS_BYTES else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read
         status = None
     if not isinstance(status, dict):
         row["error"] = "unreadable status message"
@@ -120,9 +119,12 @@ def device_row(device_id: str, payload: bytes, now: float) -> Row:
     clock = status.get("clock")
     if isinstance(clock, Mapping) and isinstance(clock.get("synchronized"), bool):
         row["clock_synchronized"] = clock["synchronized"]
-    as_of = _number(status.get("as_of"))
-    if as_of is not None and row["clock_synchronized"]:
-        row["status_age"] = round(max(0.0, now - as_of), 3)
+        as_of = _number(status.get("as_of"))
+        if as_of is not None and clock["synchronized"]:
+            # `skew`: how far the device's clock is behind the API's, when it is wrong by more
+            # than `clock.max_skew` even though NTP says synchronized.
+            made = as_of + (_number(clock.get("skew")) or 0)
+            row["status_age"] = round(max(0.0, now - made), 3)
     queue = status.get("queue")
     if isinstance(queue, Mapping):
         items = _number(queue.get("items"))
@@ -137,12 +139,13 @@ def device_row(device_id: str, payload: bytes, now: float) -> Row:
 def _age_now(age: float | None, status_age: float | None) -> float | None:
     """`queue.oldest_age` brought forward from when the device made its status to now.
 
-    The retained status is republished on every change (a new item, a drained one) but only
-    every `STATUS_MAX_INTERVAL` otherwise, so without this the oldest item's age would be up to
-    5 minutes behind. Nothing but time changes it between two publications, so adding the
-    status's age is exact when both clocks are right; it is done only when the device said its
-    clock is synchronized (`status_age` is None otherwise), and by at most one heartbeat
-    interval, so a wrong clock on this machine cannot make a queue look hours older."""
+    The retained status is republished within ~20 s of a change (a new item, a drained one) but
+    only every `STATUS_MAX_INTERVAL` otherwise, so without this the oldest item's age would be
+    up to 5 minutes behind. Nothing but time changes it between two publications, so adding
+    the status's age is exact when both clocks are right; it is done only when the device said
+    its clock is synchronized (`status_age` is None otherwise), and by at most one heartbeat
+    interval, so a wrong clock on this machine cannot make a queue look hours older. A status
+    older than that is flagged in the table instead (`STALE_AFTER`)."""
     if age is None or status_age is None:
         return age
     return round(age + min(status_age, STATUS_MAX_INTERVAL), 3)
@@ -171,12 +174,21 @@ def fleet_table(rows: Sequence[Row], now: float) -> str:
             _cell(row["sync_state"]),
             "-" if row["sync_state"] is None else ago(row["last_success"], now),
             _cell(row["clock_synchronized"], lambda ok: "synced" if ok else "UNSYNCED"),
-            f"({row['error']})" if "error" in row else "",
+            _note(row),
         ]
         for row in rows
     ]
     offline = sum(1 for row in rows if row["online"] is False)
     return table([*headers, ""], cells) + f"\n{len(rows)} devices, {offline} offline"
+
+
+def _note(row: Row) -> str:
+    if "error" in row:
+        return f"({row['error']})"
+    age = row["status_age"]
+    if row["online"] and age is not None and age > STALE_AFTER:
+        return f"(status {duration(age)} old)"
+    return ""
 
 
 # -- the broker -------------------------------------------------------------------------------

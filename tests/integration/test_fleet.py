@@ -205,6 +205,8 @@ def test_a_real_agent_shows_online_then_offline_after_kill(
     # Its status says when it was made, which fleet turns into an age on a synchronized clock.
     assert abs(agent.status()["as_of"] - time.time()) < 30
     assert (online["status_age"] is not None) is online["clock_synchronized"]
+    if online["clock_synchronized"]:
+        assert 0 <= online["status_age"] < 30
     agent.kill()
     wait_for(lambda: (r := row()) and r["online"] is False, 30, "the agent's last will")
 

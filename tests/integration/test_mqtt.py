@@ -524,7 +524,7 @@ def test_status_is_retained_on_connect_changes_and_goes_offline_on_stop(
 def test_status_is_not_republished_for_values_that_move_with_the_clock(
     mosquitto: MosquittoBroker,
 ) -> None:
-    """`uptime` and `queue.oldest_age` change on every call, and times computed from the
+    """`uptime`, `as_of` and `queue.oldest_age` change on every call, and times computed from the
     monotonic clock (`next_attempt`) wobble in their last digits: none of it is a change, or
     an agent with a backlog would republish its retained status every 10 s forever."""
 
@@ -538,6 +538,7 @@ def test_status_is_not_republished_for_values_that_move_with_the_clock(
         await wait_for_async(lambda: watcher.messages(STATUS), WAIT, "the status on connect")
         for step in range(1, 6):
             harness.status["uptime"] = float(step)
+            harness.status["as_of"] = 1.8e9 + step
             harness.status["queue"] = {"items": 3, "oldest_age": 1.0 + step}
             harness.status["sync"] = {"projects": [{"next_attempt": 1795950159.0104437}]}
             adapter.status_changed()

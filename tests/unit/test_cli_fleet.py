@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agent.cli.fleet import device_row, sort_rows
+from agent.cli.fleet import device_row, fleet_table, sort_rows
 
 NOW = 1_800_000_000.0
 
@@ -46,16 +46,24 @@ def test_wrong_types_from_a_hostile_broker_become_nulls() -> None:
                    "clock_synchronized": None, "status_age": None}
     assert device_row("d", b"[1]", NOW)["error"] == "unreadable status message"
     assert device_row("d", b" " * (2 * 1024 * 1024), NOW)["error"] == "unreadable status message"
-    overflowing = b'{"as_of": -Infinity, "clock": {"synchronized": true}, "queue": ' \
-        b'{"items": 1, "oldest_age": 1e999}, "version": "1", "online": true}'
-    assert device_row("d", overflowing, NOW)["oldest_age"] is None
+    assert device_row("d", b"[" * 100_000, NOW)["error"] == "unreadable status message"
+    overflowing = b'{"as_of": -Infinity, "clock": {"synchronized": true, "skew": NaN}, ' \
+        b'"queue": {"items": 1, "oldest_age": 5.0, "bytes": 1e999}, "online": true}'
+    infinite = device_row("d", overflowing, NOW)
+    assert (infinite["status_age"], infinite["oldest_age"]) == (None, 5.0)
     huge = row({"as_of": 10**400, "clock": {"synchronized": True},
-                "queue": {"items": 10**30, "oldest_age": 5.0}})
-    assert (huge["status_age"], huge["queue_items"], huge["oldest_age"]) == (None, None, 5.0)
+                "queue": {"items": 10**30, "oldest_age": 1.7e308},
+                "sync": {"projects": [{"state": "ok", "last_success": -1e300}]}})
+    assert (huge["status_age"], huge["queue_items"], huge["oldest_age"],
+            huge["last_success"]) == (None, None, None, None)
+    assert fleet_table([huge, infinite], NOW)  # and the table renders them
 
 
-def synced(as_of: float, oldest: float | None, synchronized: bool = True) -> dict[str, Any]:
-    return {"as_of": as_of, "clock": {"synchronized": synchronized},
+def synced(
+    as_of: float, oldest: float | None, synchronized: bool = True, skew: float | None = None
+) -> dict[str, Any]:
+    return {"online": True, "as_of": as_of,
+            "clock": {"synchronized": synchronized, "skew": skew},
             "queue": {"items": 0 if oldest is None else 3, "oldest_age": oldest}}
 
 
@@ -71,6 +79,18 @@ def test_the_oldest_age_is_brought_forward_to_now_on_a_synchronized_clock() -> N
     # By at most one heartbeat interval: a wrong clock here cannot age a queue by hours.
     stale = row(synced(NOW - 7200.0, 60.0))
     assert (stale["status_age"], stale["oldest_age"]) == (7200.0, 360.0)
+    # A device clock NTP calls synchronized but the API found 30 s behind: its as_of is too.
+    assert row(synced(NOW - 120.0, 60.0, skew=30.0))["status_age"] == 90.0
+
+
+def test_a_status_older_than_a_heartbeat_is_flagged_in_the_table() -> None:
+    """Online but silent: a dead bridge between a site's broker and this one, or a network
+    that failed without a last will yet. The operator must see that the line is old."""
+    old, fresh = row(synced(NOW - 7200.0, 60.0)), row(synced(NOW - 200.0, 60.0))
+    old["device_id"] = "old"
+    lines = fleet_table([fresh, old], NOW).splitlines()
+    assert lines[1].endswith("synced") and "status" not in lines[1]
+    assert lines[2].split()[0] == "old" and lines[2].endswith("(status 2h old)")
 
 
 def test_offline_first_then_unknown_then_online() -> None:
