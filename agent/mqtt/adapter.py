@@ -51,6 +51,12 @@ QUERY_COMMANDS = frozenset({"status", "flush", "get_customer"})
 #: Valid app names whose `Origin` is kept: the app name check and the `Origin` are then
 #: done once per app instead of once per message. Bounded, since topics are client input.
 MAX_CACHED_ORIGINS = 256
+#: The network thread stops reading from the broker while the inbox holds more than this
+#: many times `mqtt.receive_maximum` commands (what an honest broker can send: that many QoS 1
+#: in flight and as many QoS 0), until commits release some, or `READ_PAUSE` seconds pass
+#: (then paho's loop writes acks and pings, and asks again).
+READ_HOLD_FACTOR = 2
+READ_PAUSE = 0.5
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is slow, and this is per message
@@ -119,6 +125,7 @@ class MqttAdapter:
             config,
             loop,
             on_message=self._receive,
+            may_read=self._room_to_read,
             on_connected=self._connected,
             on_lost=self._cancel_retries,
             drain=self._drain_work,
@@ -202,6 +209,15 @@ class MqttAdapter:
             self._status_hint_pending = False
 
     # ------------------------------------------------------------------ receiving (network thread)
+
+    def _room_to_read(self) -> bool:
+        """Network thread, before each read: whether the inbox has room for more. An honest
+        broker never fills it (Receive Maximum QoS 1 messages in flight, QoS 0 dropped past
+        the same count); one that sends more waits in TCP until commits make room, so what
+        the agent committed is acked before more arrives (fewer redeliveries when the
+        connection drops) and memory stays bounded."""
+        max_count, _ = self._pending_limits
+        return self._inbox.wait_for_room(READ_HOLD_FACTOR * max_count + 1, READ_PAUSE)
 
     def _receive(self, link: Link, message: paho.MQTTMessage) -> None:
         """Network thread: as little as possible: find the app, put the message in the inbox."""

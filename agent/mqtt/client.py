@@ -82,18 +82,26 @@ class PahoClient(paho.Client):
         *,
         idle_timeout: float,
         on_thread_exit: Callable[[BaseException | None], None],
+        may_read: Callable[[], bool] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._idle_timeout = idle_timeout
         self._on_thread_exit = on_thread_exit
+        self._may_read = may_read
         self._read_data = b""  # read from the socket, not yet given to paho's parser
         self._read_pos = 0
+        self._recvs_left = 1  # socket reads left in this `loop_read` call
 
     # -- buffered reads: paho's parser does three recv() calls per packet --------------------
     def _sock_recv(self, bufsize: int) -> bytes:
         data, pos = self._read_data, self._read_pos
         if pos >= len(data):
+            if self._recvs_left <= 0:
+                # This call's chunk is parsed: paho keeps the partial packet, and its loop
+                # writes (acks!) and comes back, instead of reading on while data flows.
+                raise BlockingIOError
+            self._recvs_left -= 1
             data = super()._sock_recv(READ_CHUNK)  # b"" at EOF, BlockingIOError when dry
             if len(data) <= bufsize:
                 self._read_data, self._read_pos = b"", 0
@@ -107,8 +115,17 @@ class PahoClient(paho.Client):
         return data[pos:end]
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """paho's `loop_read`, repeated until the read buffer is empty: `select()` cannot see
-        bytes already taken off the socket, so none may be left behind when paho waits."""
+        """One socket read (`READ_CHUNK` bytes) parsed to its end: paho's `loop_read` repeated
+        until the read buffer is empty, as `select()` cannot see bytes already taken off the
+        socket, so none may be left behind when paho waits; and no second read, so a broker
+        that never pauses cannot keep paho's loop from writing the acks.
+
+        Nothing is read while `may_read()` says no (it may block a while first): the broker's
+        messages then wait in TCP's buffers, and paho's loop goes on writing acks and pings."""
+        may_read = self._may_read
+        if may_read is not None and not may_read():
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._recvs_left = 1
         rc = super().loop_read(max_packets)
         while (
             rc == MQTTErrorCode.MQTT_ERR_SUCCESS

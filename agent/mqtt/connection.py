@@ -108,6 +108,7 @@ class Connection:
         loop: asyncio.AbstractEventLoop,
         *,
         on_message: Callable[[Link, paho.MQTTMessage], None],
+        may_read: Callable[[], bool],
         on_connected: Callable[[Link, bool], None],
         on_lost: Callable[[], None],
         drain: Callable[[], Awaitable[None]],
@@ -118,6 +119,7 @@ class Connection:
         self._config = config
         self._loop = loop
         self._on_message_cb = on_message
+        self._may_read = may_read
         self._on_connected = on_connected
         self._on_lost = on_lost
         self._drain = drain
@@ -183,6 +185,7 @@ class Connection:
         client = PahoClient(
             idle_timeout=max(1.0, min(15.0, cfg.keepalive / 4)),
             on_thread_exit=lambda error: self._thread_exited(link, error),
+            may_read=self._may_read,
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=link.client_id,
             # v5 takes clean_start per connect (see _connect); 3.1.1 fixes it here.

@@ -6,6 +6,10 @@ Maximum on MQTT 5, its in-flight limit on 3.1.1, as the agent acks only after th
 QoS 0 has no flow control at all, so past `max_count` commands or `max_bytes` payload bytes
 held (received and not finished), QoS 0 commands are dropped — within their at-most-once
 contract — instead of growing memory without limit.
+
+A broker that sends more QoS 1 messages than it was allowed (Mosquitto 2.0 does, resuming a
+session with a backlog: thousands at once) is held back by TCP instead: the network thread
+asks `wait_for_room` before each read and stops reading while the inbox holds too many.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ WAKE = Admission(True, wake=True)
 class Inbox(Generic[T]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._waiting = False
         self._items: list[T] = []
         self._scheduled = False
         self._count = 0
@@ -93,6 +99,20 @@ class Inbox(Generic[T]):
         with self._lock:
             self._count -= len(sizes)
             self._bytes -= sum(sizes)
+            if self._waiting:
+                self._room.notify_all()
+
+    def wait_for_room(self, limit: int, timeout: float) -> bool:
+        """Network thread, before it reads from the broker: whether fewer than `limit`
+        commands are held, waiting up to `timeout` seconds for `release` to make it so."""
+        with self._lock:
+            if self._count < limit:
+                return True
+            self._waiting = True
+            try:
+                return self._room.wait_for(lambda: self._count < limit, timeout)
+            finally:
+                self._waiting = False
 
     def snapshot(self) -> PendingCommands:
         with self._lock:

@@ -34,7 +34,7 @@ from agent.config import AgentConfig, MqttConfig
 from agent.dispatch import Accepted, Dispatcher, Result
 from agent.errors import Unavailable
 from agent.mqtt.adapter import MAX_PENDING_BYTES, MqttAdapter
-from agent.mqtt.client import PahoClient
+from agent.mqtt.client import READ_CHUNK, PahoClient
 from tests.fixtures.daemon import wait_for, wait_for_async
 from tests.fixtures.mosquitto import MosquittoBroker
 
@@ -54,8 +54,8 @@ RESPONSES = f"engagement/{DEVICE}/kiosk/response/"
 
 
 class FakeBackend:
-    """The dispatcher's writer and queries: commits into a list. `gate` holds commits;
-    `fail_next` makes commands unavailable."""
+    """The dispatcher's writer and queries: commits into a list. `gate` holds commits, `delay`
+    slows each group down; `fail_next` makes commands unavailable."""
 
     def __init__(self) -> None:
         self.committed: list[tuple[str, Any]] = []
@@ -64,6 +64,7 @@ class FakeBackend:
         self.waiting = 0
         self.fail_next = 0
         self.gate: asyncio.Event | None = None
+        self.delay = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def commit(self, commands: Sequence[Accepted], done: Callable[[list[Result]], None]) -> None:
@@ -76,6 +77,8 @@ class FakeBackend:
         if self.gate is not None:  # a stalled writer holds the whole group
             self.waiting += len(commands)
             await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         results: list[Result] = []
         for command in commands:
             self.calls += 1
@@ -346,6 +349,38 @@ def test_retained_command_is_refused_not_replayed(mosquitto: MosquittoBroker) ->
         assert backend.committed == []
         await adapter.stop()
         app.publish(CMD, b"", retain=True)
+        app.close()
+
+    run(scenario)
+
+
+def test_a_broker_sending_past_receive_maximum_waits_in_tcp_until_commits_make_room(
+    make_mosquitto: Callable[..., MosquittoBroker],
+) -> None:
+    """Mosquitto 2.0, resuming a session with a backlog, sends past the Receive Maximum once
+    acks flow (thousands at a time). The agent stops reading while it holds twice that many
+    commands, so a backlog of any size costs bounded memory; reading resumes as commits
+    finish, and everything arrives."""
+    mosquitto = make_mosquitto(["max_queued_messages 0", "max_queued_bytes 0"])
+    maximum, backlog = 100, 3000
+
+    async def scenario() -> None:
+        harness = Harness(mosquitto, receive_maximum=maximum)
+        first = await harness.start(FakeBackend())
+        await first.stop()  # the session and its subscription stay on the broker
+        app = AppClient(mosquitto.port)
+        pad = "x" * 1000  # ~64 commands per read of the socket
+        infos = [app.publish(CMD, track(f"e{i}", properties={"pad": pad})) for i in range(backlog)]
+        await to_thread(lambda: [info.wait_for_publish(10) for info in infos])
+        slow = FakeBackend()
+        slow.delay = 0.02  # a writer slower than the broker
+        adapter = await harness.start(slow)
+        await wait_for_async(lambda: len(slow.names()) >= backlog, WAIT, "the whole backlog")
+        assert sorted(set(slow.names())) == sorted(f"e{i}" for i in range(backlog))
+        peak = adapter.pending_commands.peak_count
+        assert peak > maximum, "the broker kept to Receive Maximum: nothing was held back"
+        assert peak <= 2 * maximum + 1 + READ_CHUNK // 1000  # the limit, and one read's worth
+        await adapter.stop()
         app.close()
 
     run(scenario)

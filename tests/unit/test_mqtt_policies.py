@@ -215,3 +215,13 @@ def test_inbox_drops_qos0_beyond_the_caps_but_never_qos1() -> None:
     assert not inbox.put(5, 9_700, 0, 100, 10_000).admitted  # the byte cap
     pending = inbox.snapshot()
     assert (pending.count, pending.qos0_dropped, pending.peak_count) == (4, 2, 4)
+
+
+def test_inbox_has_room_below_the_limit_and_again_once_commands_are_released() -> None:
+    inbox: Inbox[int] = Inbox()
+    for i in range(3):
+        inbox.put(i, 100, 1, 3, 10_000)
+    assert inbox.wait_for_room(4, timeout=0.0)
+    assert not inbox.wait_for_room(3, timeout=0.01)  # full: the caller reads nothing yet
+    inbox.release([100])
+    assert inbox.wait_for_room(3, timeout=0.0)
