@@ -52,9 +52,11 @@ QUERY_COMMANDS = frozenset({"status", "flush", "get_customer"})
 #: done once per app instead of once per message. Bounded, since topics are client input.
 MAX_CACHED_ORIGINS = 256
 #: The network thread stops reading from the broker while the inbox holds more than this
-#: many times `mqtt.receive_maximum` commands (what an honest broker can send: that many QoS 1
-#: in flight and as many QoS 0), until commits release some, or `READ_PAUSE` seconds pass
-#: (then paho's loop writes acks and pings, and asks again).
+#: many times `mqtt.receive_maximum` commands (what a broker keeping to it sends at most:
+#: that many QoS 1 in flight and as many QoS 0), until commits release some, or `READ_PAUSE`
+#: seconds pass (then paho's loop writes acks and pings, and asks again). It may also pause
+#: a broker that keeps to its limit: right after a reconnect, while the old connection's
+#: commands are still committing, or on MQTT 3.1.1 with a broker in-flight limit above it.
 READ_HOLD_FACTOR = 2
 READ_PAUSE = 0.5
 
@@ -211,11 +213,9 @@ class MqttAdapter:
     # ------------------------------------------------------------------ receiving (network thread)
 
     def _room_to_read(self) -> bool:
-        """Network thread, before each read: whether the inbox has room for more. An honest
-        broker never fills it (Receive Maximum QoS 1 messages in flight, QoS 0 dropped past
-        the same count); one that sends more waits in TCP until commits make room, so what
-        the agent committed is acked before more arrives (fewer redeliveries when the
-        connection drops) and memory stays bounded."""
+        """Network thread, before each read: whether the inbox has room for more (see
+        `READ_HOLD_FACTOR`). A broker that sends past the Receive Maximum waits in TCP until
+        commits make room, so memory stays bounded whatever it does."""
         max_count, _ = self._pending_limits
         return self._inbox.wait_for_room(READ_HOLD_FACTOR * max_count + 1, READ_PAUSE)
 

@@ -121,10 +121,18 @@ class PahoClient(paho.Client):
         that never pauses cannot keep paho's loop from writing the acks.
 
         Nothing is read while `may_read()` says no (it may block a while first): the broker's
-        messages then wait in TCP's buffers, and paho's loop goes on writing acks and pings."""
+        messages then wait in TCP's buffers. The acks queued meanwhile are written here, as
+        paho's loop would write them only after this call, and only if they were queued before
+        its `select()`. Reading does not wait while the connection is being set up (its
+        CONNACK), nor once nothing was read for half the keepalive: paho would close the
+        connection for a missing PINGRESP."""
         may_read = self._may_read
-        if may_read is not None and not may_read():
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if may_read is not None:
+            rc = self._write_queued()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+            if not may_read() and not self._must_read():
+                return self._write_queued()
         self._recvs_left = 1
         rc = super().loop_read(max_packets)
         while (
@@ -134,6 +142,18 @@ class PahoClient(paho.Client):
         ):
             rc = super().loop_read(max_packets)
         return rc
+
+    def _write_queued(self) -> MQTTErrorCode:
+        if self._out_packet and self._sock is not None:
+            return self.loop_write()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _must_read(self) -> bool:
+        """Whether reading cannot wait for room (see `loop_read`)."""
+        if not self.is_connected():
+            return True
+        silent = time.monotonic() - self._last_bytes_received  # paho's clock: time.monotonic
+        return self._keepalive > 0 and silent >= self._keepalive / 2
 
     def _sock_close(self) -> None:
         self._read_data, self._read_pos = b"", 0  # never parse one connection's bytes on another

@@ -57,7 +57,7 @@ class Inbox(Generic[T]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._waiting = False
+        self._readers_waiting = 0  # network threads in `wait_for_room` (two while links swap)
         self._items: list[T] = []
         self._scheduled = False
         self._count = 0
@@ -99,7 +99,7 @@ class Inbox(Generic[T]):
         with self._lock:
             self._count -= len(sizes)
             self._bytes -= sum(sizes)
-            if self._waiting:
+            if self._readers_waiting:
                 self._room.notify_all()
 
     def wait_for_room(self, limit: int, timeout: float) -> bool:
@@ -108,11 +108,11 @@ class Inbox(Generic[T]):
         with self._lock:
             if self._count < limit:
                 return True
-            self._waiting = True
+            self._readers_waiting += 1
             try:
                 return self._room.wait_for(lambda: self._count < limit, timeout)
             finally:
-                self._waiting = False
+                self._readers_waiting -= 1
 
     def snapshot(self) -> PendingCommands:
         with self._lock:

@@ -373,11 +373,13 @@ def test_a_broker_sending_past_receive_maximum_waits_in_tcp_until_commits_make_r
         infos = [app.publish(CMD, track(f"e{i}", properties={"pad": pad})) for i in range(backlog)]
         await to_thread(lambda: [info.wait_for_publish(10) for info in infos])
         slow = FakeBackend()
-        slow.delay = 0.02  # a writer slower than the broker
+        slow.delay = 0.02  # each group commits 20 ms after it is handed over: acks lag behind
         adapter = await harness.start(slow)
         await wait_for_async(lambda: len(slow.names()) >= backlog, WAIT, "the whole backlog")
         assert sorted(set(slow.names())) == sorted(f"e{i}" for i in range(backlog))
         peak = adapter.pending_commands.peak_count
+        # Mosquitto 2.0.11 (Debian 12) overshoots; a broker that does not leaves nothing to
+        # hold back, and this test nothing to prove.
         assert peak > maximum, "the broker kept to Receive Maximum: nothing was held back"
         assert peak <= 2 * maximum + 1 + READ_CHUNK // 1000  # the limit, and one read's worth
         await adapter.stop()

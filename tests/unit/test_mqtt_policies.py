@@ -1,9 +1,12 @@
-"""The MQTT package's pure policies, without a broker, threads or sockets."""
+"""The MQTT package's pure policies, without a broker or sockets (and, but for the inbox's
+hand-off between threads, without threads)."""
 
 from __future__ import annotations
 
 import json
 import random
+import threading
+import time
 
 import pytest
 
@@ -225,3 +228,25 @@ def test_inbox_has_room_below_the_limit_and_again_once_commands_are_released() -
     assert not inbox.wait_for_room(3, timeout=0.01)  # full: the caller reads nothing yet
     inbox.release([100])
     assert inbox.wait_for_room(3, timeout=0.0)
+
+
+def test_a_release_wakes_the_reader_waiting_for_room_at_once() -> None:
+    """The one test here with a thread: the inbox is the network thread's hand-off."""
+    inbox: Inbox[int] = Inbox()
+    for i in range(3):
+        inbox.put(i, 100, 1, 3, 10_000)
+    answers: list[tuple[bool, float]] = []
+
+    def reader() -> None:
+        started = time.monotonic()
+        answers.append((inbox.wait_for_room(3, timeout=30.0), time.monotonic() - started))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    deadline = time.monotonic() + 30.0
+    while not inbox._readers_waiting and time.monotonic() < deadline:  # the reader waits
+        time.sleep(0.001)
+    inbox.release([100])
+    thread.join(30.0)
+    [(room, waited)] = answers
+    assert room and waited < 10.0
